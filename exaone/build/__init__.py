@@ -1,0 +1,1 @@
+"""Engine building and the fast runtime (see issue 6)."""

@@ -1,0 +1,1 @@
+"""Manifest, model definitions, checkpoint I/O and the reference runtime."""

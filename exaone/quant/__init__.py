@@ -1,0 +1,1 @@
+"""Quantization through NVIDIA Model Optimizer (see issue 4)."""

@@ -1,0 +1,136 @@
+"""Tiny random checkpoints built with transformers' own classes, for parity and CLI tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# LlamaForCausalLM name -> EXAONE-3 checkpoint name (the inverse of exaone3.RENAME, written out
+# independently so the test does not trust the code it checks).
+LLAMA_TO_EXAONE3 = [
+    (r"^model\.embed_tokens\.", "transformer.wte."),
+    (r"^model\.norm\.", "transformer.ln_f."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
+    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.attention.out_proj."),
+    (r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"transformer.h.\1.attn.attention.\2_proj."),
+    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"transformer.h.\1.mlp.c_fc_0."),
+    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"transformer.h.\1.mlp.c_fc_1."),
+    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"transformer.h.\1.mlp.c_proj."),
+]
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def exaone3_checkpoint(
+    directory: Path,
+    tie: bool = False,
+    rope_scaling: dict | None = LLAMA3_ROPE,
+    seed=0,
+    vocab_size: int = 256,
+    **overrides,
+):
+    """Write a random EXAONE-3 checkpoint; return the LlamaForCausalLM holding the same weights."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    sizes = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
+    sizes.update(overrides)
+    rope = {"rope_theta": 10000.0, **(rope_scaling or {"rope_type": "default"})}
+    ref = LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=tie, rope_parameters=rope, **sizes)
+    ).eval()
+    state = {}
+    for name, tensor in ref.state_dict().items():
+        if tie and name == "lm_head.weight":
+            continue
+        for pattern, repl in LLAMA_TO_EXAONE3:
+            name = re.sub(pattern, repl, name)
+        state[name] = tensor.contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "model.safetensors"))
+    config = {
+        "model_type": "exaone", "architectures": ["ExaoneForCausalLM"], "vocab_size": vocab_size,
+        "hidden_size": sizes["hidden_size"], "intermediate_size": sizes["intermediate_size"],
+        "num_layers": sizes["num_hidden_layers"], "num_attention_heads": sizes["num_attention_heads"],
+        "num_key_value_heads": sizes["num_key_value_heads"], "layer_norm_epsilon": sizes["rms_norm_eps"],
+        "max_position_embeddings": sizes["max_position_embeddings"], "rope_theta": 10000.0,
+        "rope_scaling": rope_scaling, "activation_function": "silu", "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 361, "pad_token_id": 0,
+    }  # fmt: skip
+    if not tie:
+        config["tie_word_embeddings"] = False  # absent means tied for EXAONE-3
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return ref
+
+
+def exaone4_checkpoint(
+    directory: Path, sliding_window: int | None = 5, seed=0, vocab_size: int = 256, **overrides
+):
+    """Write a random EXAONE-4 checkpoint with transformers' save_pretrained; return the model."""
+    from transformers import Exaone4Config, Exaone4ForCausalLM
+
+    torch.manual_seed(seed)
+    sizes = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_theta": 10000.0, **LLAMA3_ROPE},
+    )
+    sizes.update(overrides)
+    layers = sizes["num_hidden_layers"]  # transformers' config breaks without layer_types when no window
+    pattern = ["sliding_attention"] * 3 + ["full_attention"] if sliding_window else ["full_attention"] * 4
+    sizes.setdefault("layer_types", (pattern * layers)[:layers])
+    cfg = Exaone4Config(
+        vocab_size=vocab_size,
+        sliding_window=sliding_window,
+        sliding_window_pattern=4 if sliding_window else None,
+        **sizes,
+    )
+    ref = Exaone4ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms start at 1: randomize them so a misplaced norm shows
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    ref.save_pretrained(directory)
+    return ref
+
+
+def add_tokenizer(directory: Path):
+    """Copy the EXAONE-3.5 tokenizer files from the shared data into a checkpoint directory."""
+    for f in (SHARED_DATA / "exaone35_tokenizer").iterdir():
+        if f.name != "SOURCE.md":
+            shutil.copy(f, directory / f.name)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
