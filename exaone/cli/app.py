@@ -38,8 +38,9 @@ def _root(
 
 
 def _register():
-    from exaone.cli import inspect, run, stubs
+    from exaone.cli import download, inspect, run, stubs
 
+    download.register(app)
     run.register(app)
     inspect.register(app)
     stubs.register(app)

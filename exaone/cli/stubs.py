@@ -7,7 +7,6 @@ import typer
 from exaone.core.errors import ExaoneError
 
 PLANNED = {
-    "download": "Download a checkpoint from the Hugging Face hub (not implemented yet).",
     "quantize": "Quantize a checkpoint with NVIDIA Model Optimizer (not implemented yet).",
     "convert": "Convert a checkpoint to the TensorRT-LLM checkpoint format (not implemented yet).",
     "build": "Build an engine directory for the fast runtime (not implemented yet).",
