@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from conftest import HEAD_DIM, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, exaone_moe_reference
+from conftest import MOE_WINDOW as WINDOW
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -13,8 +15,6 @@ from exaone.core.errors import ExaoneError
 from exaone.core.kv_cache import KVCache
 from exaone.core.model import load_model
 
-WINDOW = 5
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 64, 96, 4, 2, 24
 # MTP tensor names as vLLM (exaone_moe_mtp.py) and TensorRT-LLM (exaone_moe_weight_mapper.py) read
 # them, written out here rather than taken from the code under test.
 MTP_SHAPES = {
@@ -38,29 +38,7 @@ MTP_SHAPES = {
 
 @pytest.fixture(scope="module")
 def ref():
-    from transformers import ExaoneMoeConfig, ExaoneMoeForCausalLM
-
-    torch.manual_seed(0)
-    cfg = ExaoneMoeConfig(
-        vocab_size=256, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=4,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-        max_position_embeddings=256, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-        sliding_window=WINDOW, sliding_window_pattern=4, layer_types=[SLIDING] * 3 + [FULL],
-        mlp_layer_types=["dense", "sparse", "sparse", "sparse"], moe_intermediate_size=32,
-        num_experts=8, num_experts_per_tok=3, num_shared_experts=1, n_group=4, topk_group=2,
-        norm_topk_prob=True, routed_scaling_factor=2.5, tie_word_embeddings=False, initializer_range=0.15,
-    )  # fmt: skip
-    model = ExaoneMoeForCausalLM(cfg).eval()
-    with torch.no_grad():  # spread router scores and make the bias matter; randomize norms
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0, 0.3)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.2, 0.2)
-    return model
+    return exaone_moe_reference()
 
 
 def write_per_expert(ref, directory, mtp: bool):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import add_tokenizer, exaone3_checkpoint, exaone4_checkpoint
+from conftest import add_tokenizer, exaone3_checkpoint, exaone4_checkpoint, exaone_moe_reference
 
 from exaone.cli.app import main
 from exaone.core.generate import Sampling, generate
@@ -12,7 +12,15 @@ from exaone.core.kv_cache import KVCache
 from exaone.core.model import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-BUILDERS = {"exaone3": exaone3_checkpoint, "exaone4": exaone4_checkpoint}
+
+
+def exaone_moe_checkpoint(directory):
+    model = exaone_moe_reference()
+    model.save_pretrained(directory)
+    return model
+
+
+BUILDERS = {"exaone3": exaone3_checkpoint, "exaone4": exaone4_checkpoint, "exaone_moe": exaone_moe_checkpoint}
 
 
 @pytest.fixture(params=list(BUILDERS), scope="module")
