@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -10,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; EXAONE_SHARED_DATA points elsewhere (e.g. on the GPU machine).
+SHARED_DATA = Path(
+    os.environ.get("EXAONE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 # LlamaForCausalLM name -> EXAONE-3 checkpoint name (the inverse of exaone3.RENAME, written out
 # independently so the test does not trust the code it checks).

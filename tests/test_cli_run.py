@@ -3,9 +3,12 @@
 import json
 
 import pytest
+import torch
 from conftest import add_tokenizer, exaone3_checkpoint, exaone4_checkpoint
 
 from exaone.cli.app import main
+
+AUTO_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # what --device auto picks
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def test_json_report_fields_and_greedy_determinism(model_dir, capsys):
     assert result["prompt"] == "Hello there" and result["output_tokens"] == 6
     assert result["finish_reason"] == "length" and result["prompt_tokens"] > 0
     assert {"time_to_first_token_s", "total_s", "tokens_per_s", "text"} <= set(result)
-    assert a["family"] == "exaone3" and a["device"] == "cpu" and a["dtype"] == "float32"
+    assert a["family"] == "exaone3" and a["device"] == AUTO_DEVICE and a["dtype"] == "float32"
     assert result["text"] == b["results"][0]["text"]
 
 
@@ -62,7 +65,7 @@ def test_sampling_is_seeded(model_dir, capsys):
 def test_stream_prints_text_and_stats(model_dir, capsys):
     assert main(["run", str(model_dir), "--input_text", "Hi", "--max_output_len", 4]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() and "1 prompt(s), 4 tokens on cpu" in err
+    assert out.strip() and f"1 prompt(s), 4 tokens on {AUTO_DEVICE}" in err
 
 
 def test_multiple_prompts_print_reference_style(model_dir, capsys):

