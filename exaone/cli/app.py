@@ -38,12 +38,15 @@ def _root(
 
 
 def _register():
-    from exaone.cli import download, inspect, run, stubs
+    from exaone.cli import build, convert, download, inspect, quantize, run, summarize
 
     download.register(app)
+    quantize.register(app)
+    convert.register(app)
     run.register(app)
+    build.register(app)
     inspect.register(app)
-    stubs.register(app)
+    summarize.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,57 @@ def run(
     batch_size: Annotated[
         int, typer.Option(*flag("batch_size"), min=1, help="Prompts generated together.")
     ] = 8,
+    engine_dir: Annotated[
+        Path | None, typer.Option(*flag("engine_dir"), help="Run through an engine built by `exaone build`.")
+    ] = None,
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option(*flag("max_batch_size"), help="Engine: sequences decoded together (<= built)."),
+    ] = None,
+    max_num_tokens: Annotated[
+        int | None, typer.Option(*flag("max_num_tokens"), help="Engine: tokens per forward pass (<= built).")
+    ] = None,
+    kv_cache_free_gpu_memory_fraction: Annotated[
+        float,
+        typer.Option(
+            *flag("kv_cache_free_gpu_memory_fraction"), help="Engine: share of free GPU memory for KV."
+        ),
+    ] = 0.9,
+    max_tokens_in_paged_kv_cache: Annotated[
+        int | None,
+        typer.Option(
+            *flag("max_tokens_in_paged_kv_cache"),
+            help="Engine: KV cache size in tokens (CPU: default 2 GiB).",
+        ),
+    ] = None,
+    max_attention_window_size: Annotated[
+        list[str] | None,
+        typer.Option(
+            *flag("max_attention_window_size"),
+            help="Engine: per-layer attention window, e.g. 128,128,128,4096 (repeated over the layers).",
+        ),
+    ] = None,
+    enable_kv_cache_reuse: Annotated[
+        bool,
+        typer.Option(
+            *flag("enable_kv_cache_reuse", *flag("kv_cache_enable_block_reuse")),
+            help="Engine: share cached prompt blocks between requests (full-attention models).",
+        ),
+    ] = False,
+    num_beams: Annotated[
+        int, typer.Option(*flag("num_beams"), help="Engine: beam search width (1 = off).")
+    ] = 1,
+    length_penalty: Annotated[
+        float, typer.Option(*flag("length_penalty"), help="Beam search: score / length ** length_penalty.")
+    ] = 1.0,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            "--cuda_graphs/--no_cuda_graphs",
+            "--cuda-graphs/--no-cuda-graphs",
+            help="Engine: decode in CUDA graphs.",
+        ),
+    ] = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
@@ -69,6 +120,21 @@ def run(
 
     if model is not None and model_dir is not None and model != model_dir:
         raise ExaoneError(f"two model directories given ({model} and --model_dir {model_dir}); give one")
+    engine_flags = {
+        "--max_batch_size": max_batch_size is not None,
+        "--max_num_tokens": max_num_tokens is not None,
+        "--kv_cache_free_gpu_memory_fraction": kv_cache_free_gpu_memory_fraction != 0.9,
+        "--max_tokens_in_paged_kv_cache": max_tokens_in_paged_kv_cache is not None,
+        "--max_attention_window_size": bool(max_attention_window_size),
+        "--num_beams": num_beams != 1,
+        "--enable_kv_cache_reuse": enable_kv_cache_reuse,
+        "--no_cuda_graphs": not cuda_graphs,
+    }
+    if engine_dir is None and any(engine_flags.values()):
+        used = next(name for name, on in engine_flags.items() if on)
+        raise ExaoneError(f"{used} applies to engines: give --engine_dir (made by `exaone build`)")
+    if engine_dir is not None and (model or model_dir):
+        raise ExaoneError(f"give a model directory or --engine_dir {engine_dir}, not both")
     prompts = list(input_text or [])
     if input_file is not None:
         prompts += runner.read_prompts(input_file)
@@ -78,6 +144,18 @@ def run(
     sampling.check()
     err = Console(stderr=True, highlight=False)
     directory, label = model or model_dir, None
+    if engine_dir is not None:
+        report = _run_engine(
+            engine_dir, prompts, sampling, tokenizer_dir, apply_chat_template, enable_thinking,
+            device.value, dtype.value, json_out, err, max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+            max_tokens_in_paged_kv_cache=max_tokens_in_paged_kv_cache,
+            max_attention_window_size=_windows(max_attention_window_size), cuda_graphs=cuda_graphs,
+            num_beams=num_beams, length_penalty=length_penalty, enable_kv_cache_reuse=enable_kv_cache_reuse,
+        )  # fmt: skip
+        _print_report(report, json_out, not json_out and len(prompts) == 1 and num_beams == 1, err)
+        return
     if directory is None:
         from exaone.core.default_model import DEFAULT_LABEL, ensure_default_model
 
@@ -101,6 +179,10 @@ def run(
         label=label,
         on_text=_write if stream else None,
     )
+    _print_report(report, json_out, stream, err)
+
+
+def _print_report(report, json_out: bool, stream: bool, err: Console):
     if json_out:
         print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
         return
@@ -115,6 +197,48 @@ def run(
     err.print(
         f"[dim]{len(report.results)} prompt(s), {total} tokens on {report.device} ({report.dtype}); "
         f"load {report.load_s:.1f}s; decode tok/s: {rate}[/dim]"
+    )
+
+
+def _windows(values: list[str] | None) -> list[int] | None:
+    """--max_attention_window_size given repeated and/or comma-separated."""
+    if not values:
+        return None
+    out = []
+    for item in values:
+        for part in item.replace(",", " ").split():
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise ExaoneError(f"--max_attention_window_size {item!r}: expected integers") from None
+    return out
+
+
+def _run_engine(engine_dir, prompts, sampling, tokenizer_dir, chat, enable_thinking, device, dtype, json_out,
+                err, num_beams, length_penalty, **options):  # fmt: skip
+    from exaone.core import runner
+    from exaone.core.engine import RuntimeOptions
+
+    if dtype != "auto":
+        raise ExaoneError(
+            f"--dtype {dtype}: an engine's dtype is fixed when it is built (exaone build --dtype)"
+        )
+    if not json_out:
+        err.print(f"[dim]engine: {engine_dir}[/dim]")
+    stream = not json_out and len(prompts) == 1 and num_beams == 1
+    return runner.run_engine(
+        engine_dir,
+        prompts,
+        sampling,
+        RuntimeOptions(**options),
+        tokenizer_dir=tokenizer_dir,
+        chat=chat,
+        enable_thinking=enable_thinking,
+        device=device,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        label=_manifest_label(engine_dir),
+        on_text=_write if stream else None,
     )
 
 

@@ -49,6 +49,9 @@ class Calibration(_Model):
     seq: int = Field(description="Tokens per calibration sample.")
     seed: int
     tokens: int | None = Field(None, description="Total calibration tokens actually seen.")
+    expert_tokens: dict[str, list[int]] | None = Field(
+        None, description="MoE models: tokens each routed expert received, per MoE layer (by module name)."
+    )
 
 
 class Quantization(_Model):

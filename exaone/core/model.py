@@ -61,6 +61,10 @@ def load_model(
 ) -> CausalLM:
     """Load any supported EXAONE checkpoint directory into an inference model (eval mode)."""
     model_dir = Path(model_dir)
+    from exaone.core import trtllm  # a TensorRT-LLM checkpoint is read back as an HF directory
+
+    if trtllm.is_trtllm_checkpoint(model_dir):
+        model_dir = trtllm.as_hf_dir(model_dir)
     cfg = load_config(model_dir)
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, cfg, device) if isinstance(dtype, str) else dtype
@@ -69,6 +73,11 @@ def load_model(
 
     with torch.device("meta"):
         model: CausalLM = fam.Model(cfg)
+    # Quantized checkpoints (Model Optimizer export, AutoAWQ): their linears become QuantLinear.
+    from exaone.quant.load import swap_quantized_linears
+
+    renamed = {rename(n, fam.RENAME): info for n, info in infos.items()}
+    quant_fp32 = swap_quantized_linears(model, renamed, model_dir)
     expected = dict(model.named_parameters())
     expected.update(model.named_buffers())
     expected.pop("inv_freq")
@@ -77,7 +86,7 @@ def load_model(
 
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-    fp32_params = [re.compile(p) for p in getattr(fam, "FP32_PARAMS", ())]
+    fp32_params = [re.compile(p) for p in (*getattr(fam, "FP32_PARAMS", ()), *quant_fp32)]
     for name, tensor in checkpoint.iter_tensors(infos):
         if IGNORED.search(name):
             continue

@@ -8,8 +8,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from exaone.core.errors import ExaoneError
 from exaone.core.generate import Sampling, generate
+from exaone.core.layers import CausalLM
 from exaone.core.model import load_model, resolve_device
 from exaone.core.tokenizer import encode, load_tokenizer, stop_ids
 
@@ -36,6 +39,7 @@ class Report:
     dtype: str
     load_s: float
     results: list[Result] = field(default_factory=list)
+    engine: dict | None = None  # the engine's KV cache and runtime facts when run from --engine_dir
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -65,6 +69,36 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+@dataclass
+class Loaded:
+    """A model with what generating from it needs: tokenizer, stop ids, pad id."""
+
+    model: CausalLM
+    tokenizer: object
+    stops: set[int]
+    pad_id: int
+    device: torch.device
+    load_s: float
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.lm_head.weight.dtype).removeprefix("torch.")
+
+
+def load(
+    model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str = "auto", dtype: str = "auto"
+) -> Loaded:
+    """Load a model directory and its tokenizer (from tokenizer_dir when given), timing the load."""
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    model = load_model(model_dir, dtype, dev)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    cfg = model.cfg
+    stops = stop_ids(tokenizer, cfg, model_dir)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tokenizer.pad_token_id or 0)
+    return Loaded(model, tokenizer, stops, pad, dev, time.perf_counter() - start)
+
+
 def run(
     model_dir: str | Path,
     prompts: list[str],
@@ -84,45 +118,16 @@ def run(
         raise ExaoneError(f"--batch_size {batch_size}: expected at least 1")
     if not prompts:
         raise ExaoneError("no prompts given (use --input_text or --input_file)")
-    start = time.perf_counter()
-    dev = resolve_device(device)
-    model = load_model(model_dir, dtype, dev)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
-    load_s = time.perf_counter() - start
-    cfg = model.cfg
-    stops = stop_ids(tokenizer, cfg, model_dir)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tokenizer.pad_token_id or 0)
-    report = Report(
-        str(model_dir),
-        label,
-        cfg.family,
-        str(dev),
-        str(model.lm_head.weight.dtype).removeprefix("torch."),
-        load_s,
-    )
+    loaded = load(model_dir, tokenizer_dir, device, dtype)
+    model, tokenizer, stops, pad = loaded.model, loaded.tokenizer, loaded.stops, loaded.pad_id
+    report = Report(str(model_dir), label, model.cfg.family, str(loaded.device), loaded.dtype, loaded.load_s)
     for first in range(0, len(prompts), batch_size):
         chunk = prompts[first : first + batch_size]
         ids = [encode(tokenizer, p, chat, enable_thinking) for p in chunk]
         streamer = _Streamer(tokenizer, on_text) if on_text and len(prompts) == 1 else None
         gens = generate(model, ids, sampling, stops, pad, streamer)
         for prompt, g in zip(chunk, gens, strict=True):
-            text = tokenizer.decode(g.output_ids, skip_special_tokens=True)
-            n = len(g.output_ids)
-            decode_s = g.total_s - g.time_to_first_token_s
-            rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
-            report.results.append(
-                Result(
-                    prompt,
-                    text,
-                    len(g.prompt_ids),
-                    n,
-                    g.finish_reason,
-                    g.time_to_first_token_s,
-                    g.total_s,
-                    rate,
-                    g.output_ids,
-                )
-            )
+            report.results.append(_result(tokenizer, prompt, g))
     return report
 
 
@@ -141,3 +146,57 @@ class _Streamer:
             return
         self.on_text(text[len(self.shown) :])
         self.shown = text
+
+
+def run_engine(
+    engine_dir: str | Path,
+    prompts: list[str],
+    sampling: Sampling,
+    options=None,
+    tokenizer_dir: str | Path | None = None,
+    chat: bool = False,
+    enable_thinking: bool | None = None,
+    device: str = "auto",
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    label: str | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Report:
+    """`run` through an engine directory (`exaone build`): all prompts go to its batching scheduler."""
+    from exaone.core.engine import load_engine
+
+    sampling.check()
+    if not prompts:
+        raise ExaoneError("no prompts given (use --input_text or --input_file)")
+    start = time.perf_counter()
+    engine = load_engine(engine_dir, device, options)
+    tokenizer = load_tokenizer(tokenizer_dir or engine_dir)
+    load_s = time.perf_counter() - start
+    cfg = engine.cfg
+    stops = stop_ids(tokenizer, cfg, engine_dir)
+    ids = [encode(tokenizer, p, chat, enable_thinking) for p in prompts]
+    streamer = _Streamer(tokenizer, on_text) if on_text and len(prompts) == 1 and num_beams == 1 else None
+    gens = engine.generate(ids, sampling, stops, streamer, num_beams, length_penalty)
+    report = Report(str(engine_dir), label, cfg.family, str(engine.device), engine.build.dtype, load_s)
+    report.engine = {
+        **engine.kv_stats(),
+        "cuda_graphs": engine.graphs.sizes if engine.graphs is not None else None,
+        "max_batch_size": engine.max_batch_size,
+        "max_num_tokens": engine.max_num_tokens,
+        "num_beams": num_beams,
+    }
+    for prompt, g in zip(prompts, gens, strict=True):
+        report.results.append(_result(tokenizer, prompt, g))
+    return report
+
+
+def _result(tokenizer, prompt: str, g) -> Result:
+    """One prompt's Result; decode tokens/s counts the tokens after the first."""
+    n = len(g.output_ids)
+    decode_s = g.total_s - g.time_to_first_token_s
+    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+    text = tokenizer.decode(g.output_ids, skip_special_tokens=True)
+    return Result(
+        prompt, text, len(g.prompt_ids), n, g.finish_reason, g.time_to_first_token_s, g.total_s, rate,
+        g.output_ids,
+    )  # fmt: skip

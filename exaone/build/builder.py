@@ -1,0 +1,224 @@
+"""`exaone build`: a checkpoint directory -> an engine directory the runtime loads without re-layout.
+
+Unquantized weights are stored fused (one q/k/v projection, one gate/up projection per layer) in
+the compute dtype; quantized linears are packed once for exaone/core/kernels (PackedLinear). A
+format or shape without a packed kernel keeps the quantized checkpoint as exported, run through the
+reference QuantLinear math. The target (CPU, or GPU name and compute capability)
+and library versions are recorded, so `run` can refuse an engine made for something else.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from exaone.core.config import load_config
+from exaone.core.engine.kv_quant import KV_DTYPES
+from exaone.core.engine.layout import fuse, linear_kinds
+from exaone.core.engine.runtime import BuildConfig
+from exaone.core.engine.store import (
+    CHECKPOINT_DIR,
+    ENGINE_JSON,
+    FORMAT,
+    WEIGHTS,
+    current_target,
+    current_versions,
+)
+from exaone.core.errors import ExaoneError
+from exaone.core.manifest import (
+    Manifest,
+    ParallelMapping,
+    atomic_output_dir,
+    derive_manifest,
+    is_up_to_date,
+    list_files,
+    make_producer,
+    manifest_hash,
+    now,
+    read_manifest,
+    write_manifest,
+)
+from exaone.core.model import load_model, resolve_device, resolve_dtype
+
+KV_CACHE_DTYPES = ("auto", "fp16", "bf16", "fp8", "int8")
+SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json",
+)  # fmt: skip
+
+
+@dataclass
+class BuildOptions:
+    max_batch_size: int = 256
+    max_input_len: int = 1024
+    max_seq_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_tokens: int = 8192
+    kv_cache_dtype: str = "auto"
+    tokens_per_block: int = 32
+    tp_size: int | None = None  # None: the checkpoint's
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def _check(opts: BuildOptions):
+    for name in ("max_batch_size", "max_input_len", "max_num_tokens", "tokens_per_block"):
+        if getattr(opts, name) < 1:
+            raise ExaoneError(f"--{name} {getattr(opts, name)}: expected at least 1")
+    if opts.max_seq_len is not None and opts.max_seq_len < 2:
+        raise ExaoneError(f"--max_seq_len {opts.max_seq_len}: expected at least 2")
+    if opts.kv_cache_dtype not in KV_CACHE_DTYPES:
+        allowed = ", ".join(KV_CACHE_DTYPES)
+        raise ExaoneError(f"--kv_cache_dtype {opts.kv_cache_dtype!r}: expected one of {allowed}")
+
+
+def _source(src: Path) -> tuple[Path, Manifest, str | None, int]:
+    """The directory load_model reads, the parent manifest, its hash, and the checkpoint's tp size."""
+    try:
+        from exaone.core import trtllm
+    except ImportError:
+        trtllm = None
+    if not src.is_dir():
+        raise ExaoneError(f"{src}: not a directory (expected a checkpoint directory)")
+    m = read_manifest(src)
+    tp = 1
+    if trtllm is not None and trtllm.is_trtllm_checkpoint(src):
+        tp = int(json.loads((src / "config.json").read_text()).get("mapping", {}).get("tp_size", 1))
+        if m is None:
+            raise ExaoneError(
+                f"{src}: a TensorRT-LLM checkpoint without exaone-manifest.json: convert it again"
+            )
+        return src, m, manifest_hash(m), tp
+    if m is None:
+        m = derive_manifest(src)  # sizes, not hashes: a changed shard changes the fingerprint
+    if m.mapping.tp_size:
+        tp = m.mapping.tp_size
+    return src, m, manifest_hash(m), tp
+
+
+def build(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    opts: BuildOptions | None = None,
+    force: bool = False,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Build (or find up to date) the engine for `checkpoint` in `output_dir`; return output_dir."""
+    opts = opts or BuildOptions()
+    _check(opts)
+    src, out = Path(checkpoint), Path(output_dir)
+    src, parent, parent_hash, ckpt_tp = _source(src)
+    tp = opts.tp_size if opts.tp_size is not None else ckpt_tp
+    if tp != 1 or ckpt_tp != 1:
+        raise ExaoneError(
+            f"--tp_size {tp}: not supported: engines are single-GPU for now (convert with --tp_size 1)"
+        )
+    device = resolve_device(opts.device)
+    started = now()
+    arguments = {
+        "checkpoint": str(src.resolve()),
+        **asdict(opts),
+        "target": current_target(device),
+        "versions": current_versions(),
+    }
+    if not force and is_up_to_date(out, parent_hash, arguments):
+        say(f"{out}: up to date (built from the same checkpoint with the same options); --force rebuilds")
+        return out
+    try:
+        old = read_manifest(out) if out.is_dir() else None
+    except ExaoneError:
+        old = None
+    if not force and old is not None and old.kind == "engine":
+        force = True  # our own stale engine: replace it (anything else still needs --force)
+    say(f"loading {src}")
+    model_src = _hf_dir(src)
+    cfg = load_config(model_src)
+    dtype = resolve_dtype(opts.dtype, cfg, device)
+    max_seq_len = opts.max_seq_len or cfg.max_position_embeddings
+    if max_seq_len > cfg.max_position_embeddings:
+        raise ExaoneError(
+            f"--max_seq_len {max_seq_len}: more than the model's max_position_embeddings "
+            f"({cfg.max_position_embeddings})"
+        )
+    if opts.max_input_len >= max_seq_len:
+        raise ExaoneError(
+            f"--max_input_len {opts.max_input_len}: must be below --max_seq_len {max_seq_len} "
+            "(room for at least one output token)"
+        )
+    kv = opts.kv_cache_dtype if opts.kv_cache_dtype != "auto" else SHORT[dtype]
+    if kv not in KV_DTYPES:
+        raise ExaoneError(f"--kv_cache_dtype {kv}: not supported")
+    model = load_model(model_src, dtype, "cpu")
+    build_cfg = BuildConfig(
+        max_batch_size=opts.max_batch_size,
+        max_input_len=opts.max_input_len,
+        max_seq_len=max_seq_len,
+        max_num_tokens=opts.max_num_tokens,
+        kv_cache_dtype=kv,
+        tokens_per_block=opts.tokens_per_block,
+        dtype=str(dtype).removeprefix("torch."),
+        device=device.type,
+        tp_size=1,
+    )
+    kinds = linear_kinds(model)
+    packed = None
+    if kinds - {"Linear"}:
+        from exaone.core.engine.packed import pack_model
+
+        packed = pack_model(model, dtype)  # None: a format without a packed kernel
+        kinds = linear_kinds(model)
+    quantized = packed is None and bool(kinds - {"Linear"})
+    with atomic_output_dir(out, force) as tmp:
+        for name in ("config.json", *SIDE_FILES):
+            if (model_src / name).is_file():
+                shutil.copy(model_src / name, tmp / name)
+        if quantized:
+            say("quantized linears: keeping the Model Optimizer tensors (reference math)")
+            skip = shutil.ignore_patterns(".*", "exaone-manifest.json")
+            shutil.copytree(model_src, tmp / CHECKPOINT_DIR, ignore=skip)
+        else:
+            what = f"packed {', '.join(sorted(set(packed.values())))} and " if packed else ""
+            say(f"writing {what}fused {build_cfg.dtype} weights")
+            fuse(model)
+            state = model.state_dict()
+            if cfg.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            save_file({n: t.contiguous() for n, t in state.items()}, str(tmp / WEIGHTS))
+        info = {
+            "format": FORMAT,
+            "build": asdict(build_cfg),
+            "weights": "checkpoint" if quantized else "runtime",
+            "packed": packed or {},
+            "linear_kinds": sorted(kinds),
+            "target": current_target(device),
+            "versions": current_versions(),
+        }
+        (tmp / ENGINE_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        manifest = Manifest(
+            kind="engine",
+            model=parent.model,
+            dtype=build_cfg.dtype,
+            quantization=parent.quantization,
+            mapping=ParallelMapping(world_size=1, tp_size=1, pp_size=1),
+            files=list_files(tmp),
+            parent=parent_hash,
+            producer=make_producer(arguments, started),
+            extra={"engine": info},
+        )
+        write_manifest(tmp, manifest)
+    say(f"engine written to {out}")
+    return out
+
+
+def _hf_dir(src: Path) -> Path:
+    try:
+        from exaone.core import trtllm
+    except ImportError:
+        return src
+    return trtllm.as_hf_dir(src) if trtllm.is_trtllm_checkpoint(src) else src

@@ -1,0 +1,74 @@
+"""The runtime weight layout: q/k/v fused into one projection, gate/up into one, per plain linear.
+
+`fuse(model)` rewrites a loaded model in place (concatenating the weights) at build time; on a
+meta-device model it only reshapes the module tree, so the engine loader can assign the stored
+tensors under the same names without any re-layout. Quantized linears are left as they are: their
+scales differ per projection, so they keep the Model Optimizer layout and the reference math.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exaone.core.layers import Attention, GatedMLP
+
+
+class FusedQKVAttention(Attention):
+    """The model's Attention (same forward, masking and RoPE rules) with one q/k/v GEMM."""
+
+    def project_qkv(self, x):
+        return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+
+
+class FusedGatedMLP(nn.Module):
+    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Module):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _plain(*modules) -> bool:
+    return all(type(m) is nn.Linear and m.bias is None for m in modules)
+
+
+def _concat(linears: list[nn.Linear]) -> nn.Linear:
+    w = [m.weight for m in linears]
+    out = sum(x.shape[0] for x in w)
+    fused = nn.Linear(w[0].shape[1], out, bias=False, device=w[0].device, dtype=w[0].dtype)
+    if w[0].device.type != "meta":
+        with torch.no_grad():
+            fused.weight = nn.Parameter(torch.cat(w, 0), requires_grad=False)
+    return fused
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Fuse every plain (unquantized, bias-free) q/k/v triple and gate/up pair; return the model."""
+    for module in list(model.modules()):
+        if isinstance(module, Attention) and not isinstance(module, FusedQKVAttention):
+            q, k, v = module.q_proj, module.k_proj, module.v_proj
+            if _plain(q, k, v):
+                module.qkv_proj = _concat([q, k, v])
+                module.qkv_sizes = [q.out_features, k.out_features, v.out_features]
+                del module.q_proj, module.k_proj, module.v_proj
+                module.__class__ = FusedQKVAttention
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GatedMLP) and _plain(child.gate_proj, child.up_proj):
+                gate_up = _concat([child.gate_proj, child.up_proj])
+                setattr(parent, name, FusedGatedMLP(gate_up, child.down_proj))
+    return model
+
+
+def linear_kinds(model: nn.Module) -> set[str]:
+    """Class names of the linear layers (nn.Linear or a quantized replacement) in the model."""
+    kinds = set()
+    for module in model.modules():
+        name = type(module).__name__
+        if isinstance(module, nn.Linear) or "Linear" in name:
+            kinds.add(name)
+    return kinds

@@ -1,0 +1,51 @@
+"""Which implementation a kernel call takes: the CUDA path or the CPU reference path."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from exaone.core.errors import ExaoneError
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose(x: torch.Tensor, backend: str, cpu_ok: bool = False) -> str:
+    """ "reference" or the fast path ("triton"/"cuda") for this input.
+
+    ``cpu_ok``: the fast path is a torch library kernel that also runs on the CPU (``_scaled_mm``,
+    ``_int_mm``), so tests can drive its padding and scaling code without a GPU."""
+    if backend not in BACKENDS:
+        raise ExaoneError(f"kernel backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "cuda" if x.is_cuda else "reference"
+    if backend in ("triton", "cuda") and not x.is_cuda and not cpu_ok and not triton_interpreting():
+        raise ExaoneError(
+            f"kernel backend {backend!r} needs a CUDA tensor (or TRITON_INTERPRET=1 for Triton)"
+        )
+    return backend
+
+
+def flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x [..., K] -> ([M, K] contiguous, leading shape)."""
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, x.shape[-1]).contiguous(), lead
+
+
+def check_weight(name: str, t: torch.Tensor, dtype: torch.dtype, ndim: int) -> None:
+    if t.dtype != dtype or t.dim() != ndim:
+        raise ExaoneError(f"{name}: expected a {ndim}-D {dtype} tensor, got {t.dim()}-D {t.dtype}")
+
+
+def exact_div(t: torch.Tensor, c: float) -> torch.Tensor:
+    """t / c rounded as IEEE division on every device.
+
+    CUDA torch divides by a Python number as a multiplication by its reciprocal, one ulp off at times;
+    with per-token fp8 scales that flipped roundings and moved outputs by ~1% of their maximum on an
+    H100 (docs/kernels.md). A 0-d tensor on t's device takes the true division."""
+    return t / torch.tensor(c, dtype=t.dtype, device=t.device)

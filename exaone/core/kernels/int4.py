@@ -1,0 +1,91 @@
+"""W4A16: int4 AWQ and int4 weight-only (Model Optimizer ``W4A16_AWQ``), 16-bit activations.
+
+Model Optimizer exports ``weight`` uint8 [N/2, K] (byte [j, k] = row 2j in the low nibble, row 2j+1 in
+the high nibble, two's-complement int4), ``weight_scale`` float32 [N, K/G] (amax/7 per group of G input
+columns; G = K is per-channel) and, for AWQ, ``pre_quant_scale`` [K] that multiplies the activations.
+Dequantized weight: int4 * weight_scale, in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from exaone.core.errors import ExaoneError
+from exaone.core.kernels.backend import check_weight, choose, flatten
+
+PACK_K = 128
+
+
+def unpack_int4_modelopt(weight: torch.Tensor) -> torch.Tensor:
+    """Model Optimizer's uint8 [N/2, K] -> int8 [N, K] in [-8, 7]."""
+    lo = (weight & 0xF).to(torch.int8)
+    hi = (weight >> 4).to(torch.int8)
+    both = torch.stack([lo, hi], dim=1).reshape(-1, weight.shape[1])
+    return torch.where(both > 7, both - 16, both)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, K] (int, 0..15 or -8..7) -> the kernel layout uint8 [K/2, N] (see dequant_gemm)."""
+    n, k = q.shape
+    if k % PACK_K:
+        raise ExaoneError(f"4-bit weight with in_features {k}: the kernel needs a multiple of {PACK_K}")
+    codes = (q.to(torch.int16) & 0xF).to(torch.uint8).t().reshape(k // PACK_K, 2, PACK_K // 2, n)
+    return (codes[:, 0] | (codes[:, 1] << 4)).reshape(k // 2, n).contiguous()
+
+
+def unpack_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """Kernel layout uint8 [K/2, N] -> 4-bit codes uint8 [N, K] (0..15)."""
+    k2, n = qweight.shape
+    chunks = qweight.reshape(k2 // (PACK_K // 2), 1, PACK_K // 2, n)
+    codes = torch.cat([chunks & 0xF, chunks >> 4], dim=1)
+    return codes.reshape(k2 * 2, n).t()
+
+
+def pack_int4(
+    weight: torch.Tensor, weight_scale: torch.Tensor, pre_quant_scale: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Model Optimizer's int4 tensors -> what ``w4a16_linear`` reads."""
+    check_weight("weight", weight, torch.uint8, 2)
+    n, k = weight.shape[0] * 2, weight.shape[1]
+    if weight_scale.dim() == 1:
+        weight_scale = weight_scale[:, None]
+    if weight_scale.shape[0] != n or k % weight_scale.shape[1]:
+        raise ExaoneError(f"weight_scale: shape {tuple(weight_scale.shape)} does not fit a [{n}, {k}] weight")
+    out = {
+        "qweight": pack_nibbles(unpack_int4_modelopt(weight)),
+        "scales": weight_scale.float().t().contiguous(),
+    }
+    if pre_quant_scale is not None:
+        out["pre_quant_scale"] = pre_quant_scale.contiguous()
+    return out
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Kernel layout -> dense [N, K] weight in ``dtype``."""
+    codes = unpack_nibbles(qweight).to(torch.int8)
+    q = torch.where(codes > 7, codes - 16, codes).float()
+    group = q.shape[1] // scales.shape[0]
+    return (q * scales.t().repeat_interleave(group, dim=1)).to(dtype)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    pre_quant_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """y = (x * pre_quant_scale) @ dequant(W).T + bias, in x's dtype."""
+    pqs = pre_quant_scale.to(x.dtype) if pre_quant_scale is not None else None
+    if choose(x, backend) == "reference":
+        xs = x * pqs if pqs is not None else x
+        return F.linear(xs, dequantize(qweight, scales, x.dtype), bias)
+    from exaone.core.kernels.dequant_gemm import INT4, dequant_gemm
+
+    x2, lead = flatten(x)
+    group = x2.shape[1] // scales.shape[0]
+    y = dequant_gemm(x2, qweight, scales, INT4, group, pre_quant_scale=pqs, bias=bias, config=config)
+    return y.reshape(*lead, -1)
