@@ -126,6 +126,17 @@ def exaone4_checkpoint(
     return ref
 
 
+def write_modelopt_config(src: Path, dst: Path, quant: dict):
+    """config.json (src's, plus quantization_config) and hf_quant_config.json as Model Optimizer's HF
+    export writes them, for quantized tensors a test has written into dst itself."""
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", **quant}
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "hf_quant_config.json").write_text(
+        json.dumps({"producer": {"name": "modelopt"}, "quantization": quant})
+    )
+
+
 def add_tokenizer(directory: Path):
     """Copy the EXAONE-3.5 tokenizer files from the shared data into a checkpoint directory."""
     for f in (SHARED_DATA / "exaone35_tokenizer").iterdir():

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import exaone3_checkpoint, exaone4_checkpoint
+from conftest import exaone3_checkpoint, exaone4_checkpoint, write_modelopt_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -71,12 +71,7 @@ def quantize_dir(src, dst, fmt, kv_fp8=False, equal_qkv_scales=True):
              "exclude_modules": ["lm_head"]}  # fmt: skip
     if fmt in ("int4_awq", "w4a8_awq", "int4_wo"):
         quant["group_size"] = GROUP
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "modelopt", **quant}
-    (dst / "config.json").write_text(json.dumps(config))
-    (dst / "hf_quant_config.json").write_text(
-        json.dumps({"producer": {"name": "modelopt"}, "quantization": quant})
-    )
+    write_modelopt_config(src, dst, quant)
     return dst
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import exaone3_checkpoint, exaone4_checkpoint, exaone_moe_reference
+from conftest import exaone3_checkpoint, exaone4_checkpoint, exaone_moe_reference, write_modelopt_config
 
 from exaone.build.builder import BuildOptions, build
 from exaone.core.engine import RuntimeOptions, load_engine
@@ -308,12 +308,7 @@ def quantized_dir(src, dst, fmt: str, group: int = 32):
     quant = {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
     if fmt in ("int4_awq", "w4a8_awq"):
         quant["group_size"] = group
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "modelopt", **quant}
-    (dst / "config.json").write_text(json.dumps(config))
-    (dst / "hf_quant_config.json").write_text(
-        json.dumps({"producer": {"name": "modelopt"}, "quantization": quant})
-    )
+    write_modelopt_config(src, dst, quant)
     return dst
 
 

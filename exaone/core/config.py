@@ -70,6 +70,21 @@ class ModelConfig:
     def uses_rope(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING or self.rope_on_full_layers
 
+    def transformers_kwargs(self) -> dict:
+        """The fields every transformers config class of our families takes (Llama, Exaone4, ExaoneMoe)."""
+        rope = {"rope_theta": self.rope_theta, **(self.rope_scaling or {"rope_type": "default"})}
+        return dict(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            rope_parameters=rope,
+            bos_token_id=self.bos_token_id, eos_token_id=list(self.eos_token_ids) or None,
+            pad_token_id=self.pad_token_id,
+        )  # fmt: skip
+
 
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"

@@ -54,26 +54,7 @@ def load_reference(model_dir: str | Path, dtype: torch.dtype, device: torch.devi
 def llama_config(cfg: ModelConfig):
     from transformers import LlamaConfig
 
-    rope = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters=rope,
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=list(cfg.eos_token_ids) or None,
-        pad_token_id=cfg.pad_token_id,
-    )
+    return LlamaConfig(**cfg.transformers_kwargs(), hidden_act="silu", attention_bias=False, mlp_bias=False)
 
 
 def _llama(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):

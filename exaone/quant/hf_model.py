@@ -41,24 +41,7 @@ class HFModel:
 
 
 def _transformers_config(cfg: ModelConfig, dtype: torch.dtype):
-    raw = dict(cfg.raw)
-    rope = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters=rope,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=list(cfg.eos_token_ids) or None,
-        pad_token_id=cfg.pad_token_id,
-    )
+    common = cfg.transformers_kwargs()
     if cfg.family == "exaone3":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -93,7 +76,6 @@ def _transformers_config(cfg: ModelConfig, dtype: torch.dtype):
     tcfg.architectures = [cls.__name__]
     tcfg.use_cache = False  # calibration needs no cache (and EXAONE-4's cache setup is what broke it)
     tcfg.dtype = dtype
-    del raw
     return tcfg, cls
 
 
