@@ -137,18 +137,23 @@ def write_modelopt_config(src: Path, dst: Path, quant: dict):
     )
 
 
+def require_shared_data() -> Path:
+    """The shared data directory; the calling test is skipped when it is not there."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
 def add_tokenizer(directory: Path):
     """Copy the EXAONE-3.5 tokenizer files from the shared data into a checkpoint directory."""
-    for f in (SHARED_DATA / "exaone35_tokenizer").iterdir():
+    for f in (require_shared_data() / "exaone35_tokenizer").iterdir():
         if f.name != "SOURCE.md":
             shutil.copy(f, directory / f.name)
 
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    return require_shared_data()
 
 
 MOE_WINDOW = 5

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA, exaone3_checkpoint, exaone4_checkpoint, exaone_moe_reference
+from conftest import exaone3_checkpoint, exaone4_checkpoint, exaone_moe_reference, require_shared_data
 
 from exaone.cli.app import main
 from exaone.core.errors import ExaoneError
@@ -30,9 +30,7 @@ def summarize(capsys, *args) -> tuple[int, dict | None, str]:
 
 @pytest.fixture(scope="module")
 def stories():
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA / "cnn_dailymail_stories"
+    return require_shared_data() / "cnn_dailymail_stories"
 
 
 @pytest.fixture(scope="module")
