@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,20 +31,6 @@ PREPARING = (
 FORMAT_VERSION = 1
 DTYPE = "bfloat16"  # SmolLM2's native dtype
 CHECK_PROMPT, CHECK_WORD = "The capital of France is", "Paris"
-
-# LlamaForCausalLM name -> EXAONE-3 name: the inverse of exaone3.RENAME. SmolLM2 ties its embeddings,
-# so lm_head.weight is not written (EXAONE-3 reads a missing lm_head as tied).
-LLAMA_TO_EXAONE3 = [
-    (r"^model\.embed_tokens\.", "transformer.wte."),
-    (r"^model\.norm\.", "transformer.ln_f."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
-    (r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"transformer.h.\1.attn.attention.\2_proj."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.attention.out_proj."),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"transformer.h.\1.mlp.c_fc_0."),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"transformer.h.\1.mlp.c_fc_1."),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"transformer.h.\1.mlp.c_proj."),
-]
 
 NOTICE = f"""\
 This directory is the default model of the `exaone` toolchain. It is NOT an EXAONE model.
@@ -182,6 +167,9 @@ def convert(gguf: Path, out: Path) -> None:
             "this transformers version mis-reads the GGUF"
         )
 
+    from exaone.core.exaone3 import RENAME_BACK
+    from exaone.core.model import rename
+
     config = exaone3_config(hf_cfg, tok)
     state = {}
     for key, tensor in ref.state_dict().items():
@@ -190,7 +178,7 @@ def convert(gguf: Path, out: Path) -> None:
                 continue  # tied: EXAONE-3 reads the embedding as the head
             state[key] = tensor.detach().to(torch.bfloat16).contiguous()
             continue
-        new = _rename(key)
+        new = rename(key, RENAME_BACK)  # SmolLM2's Llama names are our module names
         if new == key:
             raise ExaoneError(f"{gguf}: tensor {key!r} has no EXAONE-3 name")
         state[new] = tensor.detach().to(torch.bfloat16).contiguous()
@@ -259,11 +247,3 @@ def _f32(x: float) -> float:
     import numpy as np
 
     return float(str(np.float32(x)))
-
-
-def _rename(name: str) -> str:
-    for pattern, repl in LLAMA_TO_EXAONE3:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from exaone.core.config import ModelConfig
 from exaone.core.layers import Attention, CausalLM, GatedMLP, RMSNorm
 
-# Checkpoint name -> module name (regex, replacement), applied in order.
-RENAME = [
-    (r"^transformer\.wte\.", "model.embed_tokens."),
-    (r"^transformer\.ln_f\.", "model.norm."),
-    (r"^transformer\.h\.(\d+)\.ln_1\.", r"model.layers.\1.input_layernorm."),
-    (r"^transformer\.h\.(\d+)\.ln_2\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^transformer\.h\.(\d+)\.attn\.attention\.out_proj\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^transformer\.h\.(\d+)\.attn\.attention\.([qkv])_proj\.", r"model.layers.\1.self_attn.\2_proj."),
-    (r"^transformer\.h\.(\d+)\.mlp\.c_fc_0\.", r"model.layers.\1.mlp.gate_proj."),
-    (r"^transformer\.h\.(\d+)\.mlp\.c_fc_1\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^transformer\.h\.(\d+)\.mlp\.c_proj\.", r"model.layers.\1.mlp.down_proj."),
+# Checkpoint name prefix <-> module name prefix (= transformers' LlamaForCausalLM names); {} is the layer.
+_PREFIXES = [
+    ("transformer.wte.", "model.embed_tokens."),
+    ("transformer.ln_f.", "model.norm."),
+    ("transformer.h.{}.ln_1.", "model.layers.{}.input_layernorm."),
+    ("transformer.h.{}.ln_2.", "model.layers.{}.post_attention_layernorm."),
+    ("transformer.h.{}.attn.attention.out_proj.", "model.layers.{}.self_attn.o_proj."),
+    ("transformer.h.{}.attn.attention.q_proj.", "model.layers.{}.self_attn.q_proj."),
+    ("transformer.h.{}.attn.attention.k_proj.", "model.layers.{}.self_attn.k_proj."),
+    ("transformer.h.{}.attn.attention.v_proj.", "model.layers.{}.self_attn.v_proj."),
+    ("transformer.h.{}.mlp.c_fc_0.", "model.layers.{}.mlp.gate_proj."),
+    ("transformer.h.{}.mlp.c_fc_1.", "model.layers.{}.mlp.up_proj."),
+    ("transformer.h.{}.mlp.c_proj.", "model.layers.{}.mlp.down_proj."),
 ]
+
+
+def _regexes(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [("^" + re.escape(src).replace(r"\{\}", r"(\d+)"), dst.replace("{}", r"\1")) for src, dst in pairs]
+
+
+RENAME = _regexes(_PREFIXES)  # checkpoint name -> module name (regex, replacement)
+RENAME_BACK = _regexes([(mod, ckpt) for ckpt, mod in _PREFIXES])  # module name -> checkpoint name
 
 
 class Block(nn.Module):

@@ -9,6 +9,7 @@ from exaone.core.config import ModelConfig
 from exaone.core.layers import Attention, CausalLM, GatedMLP, RMSNorm
 
 RENAME: list[tuple[str, str]] = []  # checkpoint names are already the module names
+RENAME_BACK: list[tuple[str, str]] = []
 
 
 class Block(nn.Module):

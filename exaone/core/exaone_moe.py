@@ -20,6 +20,7 @@ from exaone.core.layers import Attention, CausalLM, GatedMLP, RMSNorm
 
 # Checkpoints keep the router bias beside the router (`mlp.e_score_correction_bias`).
 RENAME = [(r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias")]
+RENAME_BACK = [(r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.e_score_correction_bias")]
 FP32_PARAMS = [r"\.e_score_correction_bias$"]
 
 

@@ -1,8 +1,9 @@
 """Build a family's model from a checkpoint directory: config -> empty (meta) model -> tensors.
 
 Each family module provides `Model` (a CausalLM), `RENAME` (checkpoint name -> module name
-regexes) and optionally `prepare_state_dict(state_dict, cfg)` for layouts a rename cannot
-express (e.g. fused expert tensors) and `FP32_PARAMS` (regexes of parameters kept in fp32).
+regexes), `RENAME_BACK` (its inverse, for writing checkpoints) and optionally
+`prepare_state_dict(state_dict, cfg)` for layouts a rename cannot express (e.g. fused expert
+tensors) and `FP32_PARAMS` (regexes of parameters kept in fp32).
 """
 
 from __future__ import annotations

@@ -687,24 +687,8 @@ def _merge_moe(cfg: ModelConfig, stage: list[dict], src: str, dst: str) -> dict:
     return out
 
 
-# Our module names -> EXAONE-3 checkpoint names (the inverse of exaone3.RENAME).
-_EXAONE3_NAMES = [
-    (r"^model\.embed_tokens\.", "transformer.wte."),
-    (r"^model\.norm\.", "transformer.ln_f."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.attention.out_proj."),
-    (r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"transformer.h.\1.attn.attention.\2_proj."),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"transformer.h.\1.mlp.c_fc_0."),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"transformer.h.\1.mlp.c_fc_1."),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"transformer.h.\1.mlp.c_proj."),
-]
-_MOE_NAMES = [(r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.e_score_correction_bias")]
-
-
 def to_checkpoint_names(state: dict[str, torch.Tensor], fam) -> dict[str, torch.Tensor]:
-    table = {"exaone3": _EXAONE3_NAMES, "exaone_moe": _MOE_NAMES}.get(fam.__name__.rsplit(".", 1)[1], [])
-    return {rename(n, table): t for n, t in state.items()}
+    return {rename(n, fam.RENAME_BACK): t for n, t in state.items()}
 
 
 def hf_config(tc: dict, source: str) -> dict:
