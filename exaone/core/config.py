@@ -7,11 +7,10 @@ downstream reads `ModelConfig` only.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, read_json
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -92,10 +91,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ExaoneError(f"{model_dir}: not a directory (expected a model directory with config.json)")
     if not path.is_file():
         raise ExaoneError(f"{path}: missing (expected a Hugging Face config.json in the model directory)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExaoneError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise ExaoneError(f"{path}: expected a JSON object")
     return parse_config(raw, source=str(path))

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from exaone import __version__
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, read_json
 
 MANIFEST_NAME = "exaone-manifest.json"
 SCHEMA_VERSION = 1
@@ -142,10 +142,7 @@ def read_manifest(directory: str | Path) -> Manifest | None:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExaoneError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path)
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:

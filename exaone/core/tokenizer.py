@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from exaone.core.config import ModelConfig
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -51,10 +50,7 @@ def stop_ids(tokenizer, cfg: ModelConfig, model_dir: str | Path | None) -> set[i
     ids = set(cfg.eos_token_ids)
     gen = Path(model_dir) / "generation_config.json" if model_dir else None
     if gen is not None and gen.is_file():
-        try:
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-        except json.JSONDecodeError:
-            raise ExaoneError(f"{gen}: not valid JSON") from None
+        eos = read_json(gen).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -11,13 +11,12 @@ ENGINE_DIR/
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from exaone import __version__
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, read_json
 
 ENGINE_JSON = "engine.json"
 WEIGHTS = "rank0.safetensors"
@@ -43,10 +42,7 @@ def read_engine_json(engine_dir: Path) -> dict:
         raise ExaoneError(f"--engine_dir {engine_dir}: not a directory")
     if not path.is_file():
         raise ExaoneError(f"{path}: missing (not an engine directory; make one with `exaone build`)")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExaoneError(f"{path}: not valid JSON ({e})") from None
+    info = read_json(path)
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         found = info.get("format") if isinstance(info, dict) else None
         raise ExaoneError(f"{path}: engine format {found!r} is not {FORMAT}: rebuild it with `exaone build`")
