@@ -123,7 +123,7 @@ def measure(name: str, model_dir: Path, args) -> dict:
 def environment(args) -> dict:
     import torch
 
-    from exaone.core.model import resolve_device
+    from exaone.core.loader import resolve_device
 
     dev = resolve_device(args.device)
     name = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -138,7 +138,7 @@ def environment(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from exaone.core.default_model import DEFAULT_LABEL, ensure_default_model
+    from exaone.core.hub.default_model import DEFAULT_LABEL, ensure_default_model
 
     label = None
     if args.model_dir is None:

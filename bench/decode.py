@@ -30,7 +30,7 @@ GROUP = 128
 
 def quantize_linear(module: str, w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     """Model Optimizer export tensors of one random linear (weights only matter for speed here)."""
-    from exaone.quant import formats as F
+    from exaone.core import qmath as F
 
     w = w.float()
     out = {}

@@ -24,10 +24,12 @@ import triton
 from triton.testing import do_bench
 
 from exaone.core import kernels as K
+from exaone.core import qmath as formats
 from exaone.core.kernels import dequant_gemm as dg
-from exaone.core.kernels.fp8 import quantize_fp8, scaled_mm
-from exaone.core.kernels.int8_sq import int_mm, quantize_int8
-from exaone.quant import formats
+from exaone.core.kernels.fp8 import quantize_activations as quantize_fp8
+from exaone.core.kernels.fp8 import scaled_mm
+from exaone.core.kernels.int8_sq import int_mm
+from exaone.core.kernels.int8_sq import quantize_activations as quantize_int8
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features K, out_features N)
 BATCHES = [1, 16, 128, 2048]

@@ -194,7 +194,7 @@ def default_model_dir(tmp_path_factory) -> Path:
     """The embedded default model (SmolLM2 weights in EXAONE-3 layout), converted once per test
     session into a temporary EXAONE_CACHE (~40 s on a 2-core CPU). Shared by every test that needs
     real trained weights; pass the directory explicitly (EXAONE_CACHE is restored afterwards)."""
-    from exaone.core.default_model import ensure_default_model
+    from exaone.core.hub.default_model import ensure_default_model
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EXAONE_CACHE", str(tmp_path_factory.mktemp("exaone-cache-shared")))

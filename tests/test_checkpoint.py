@@ -9,7 +9,7 @@ from conftest import exaone3_checkpoint
 from safetensors.torch import load_file, save_file
 
 from exaone.core.errors import ExaoneError
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
 
 
 def shard(directory, n=2):

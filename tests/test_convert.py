@@ -10,9 +10,11 @@ from safetensors import safe_open
 from test_exaone_moe import write_per_expert
 
 from exaone.cli.app import main
-from exaone.core import exaone_moe, trtllm
-from exaone.core import manifest as mf
-from exaone.core.model import load_model
+from exaone.core import model as models
+from exaone.core.io import manifest as mf
+from exaone.core.loader import load_model
+from exaone.core.trtllm import convert as trtllm
+from exaone.core.trtllm import reader
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -48,8 +50,9 @@ def test_round_trip_reproduces_fp32_logits(sources, family, tmp_path):
 def test_k_exaone_mtp_router_and_experts_read_back_exactly(sources, tmp_path):
     src, _ = sources["exaone_moe"]
     out = trtllm.convert(src, tmp_path / "moe", trtllm.ConvertOptions("float32", tp_size=2, pp_size=2))
-    _, state = trtllm.read_as_hf(out)
-    original = trtllm.to_checkpoint_names(trtllm.load_source(src).state, exaone_moe)
+    read = reader.read(out)
+    state = models.checkpoint_names(read.state, read.cfg)
+    original = models.checkpoint_names(trtllm.load_source(src).state, read.cfg)
     assert set(state) == set(original)
     for name, t in original.items():
         assert torch.equal(state[name], t.float()), name
@@ -255,8 +258,8 @@ def test_int8_kv_cache_scales_are_calibrated_max_qkv_over_127(tmp_path, shared_d
     calibration rows; checked against transformers' Llama run on the same rows with its own hooks."""
     from conftest import add_tokenizer
 
-    from exaone.core.tokenizer import load_tokenizer
-    from exaone.quant import calib
+    from exaone.core.io import calibration as calib
+    from exaone.core.io.tokenizer import load_tokenizer
 
     ref = exaone3_checkpoint(tmp_path / "src", vocab_size=102400, num_hidden_layers=2, tie=True)
     add_tokenizer(tmp_path / "src")

@@ -16,9 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from exaone.cli.app import main
-from exaone.core import trtllm
-from exaone.core.model import load_model
-from exaone.quant import formats
+from exaone.core import model as models
+from exaone.core import qmath as formats
+from exaone.core.loader import load_model
+from exaone.core.trtllm import convert as trtllm
+from exaone.core.trtllm import reader
 
 ALGO = {"fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL", "int4_awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ",
         "int8_wo": "W8A16", "int4_wo": "W4A16_AWQ"}  # fmt: skip
@@ -123,7 +125,8 @@ def test_fp8_names_shapes_and_fused_qkv_scale(float_src, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["kv_cache_quant_algo"] == "FP8"
     # The re-quantized q/k/v dequantize to within one e4m3 step of the originals.
-    hf, state = trtllm.read_as_hf(out)
+    read = reader.read(out)
+    hf, state = read.hf_config, models.checkpoint_names(read.state, read.cfg)
     assert hf["quantization_config"]["quant_algo"] == "FP8"
     for x in "qkv":
         before = formats.dequantize_fp8(src[p + f"{x}_proj.weight"], src[p + f"{x}_proj.weight_scale"])

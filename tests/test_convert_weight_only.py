@@ -13,9 +13,9 @@ import torch
 from conftest import exaone3_checkpoint
 from safetensors import safe_open
 
-from exaone.core import trtllm
-from exaone.core import trtllm_wo as wo
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
+from exaone.core.trtllm import convert as trtllm
+from exaone.core.trtllm import weight_only as wo
 
 LDSM = {
     8: [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15],

@@ -13,11 +13,11 @@ import re
 import pytest
 import torch
 
-from exaone.core import default_model as dm
-from exaone.core.kv_cache import KVCache
-from exaone.core.manifest import MANIFEST_NAME, read_manifest
-from exaone.core.model import load_model
-from exaone.core.tokenizer import encode, load_tokenizer, stop_ids
+from exaone.core.hub import default_model as dm
+from exaone.core.io.manifest import MANIFEST_NAME, read_manifest
+from exaone.core.io.tokenizer import encode, load_tokenizer, stop_ids
+from exaone.core.loader import load_model
+from exaone.core.model.kv_cache import KVCache
 
 pytestmark = pytest.mark.slow
 

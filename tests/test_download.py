@@ -21,10 +21,10 @@ from conftest import add_tokenizer, exaone3_checkpoint
 from safetensors.torch import load_file
 
 from exaone.cli.app import main
-from exaone.core import download as dl
-from exaone.core import manifest as mf
 from exaone.core.errors import ExaoneError
-from exaone.core.verify import check_tensors, verify_checkpoint
+from exaone.core.hub import download as dl
+from exaone.core.io import manifest as mf
+from exaone.core.io.verify import check_tensors, verify_checkpoint
 from tests.test_exaone_moe import ref, write_fused, write_per_expert  # noqa: F401  (ref: a fixture)
 
 REPO = "LGAI-EXAONE/tiny"

@@ -12,7 +12,7 @@ from exaone.build.builder import BuildOptions, build
 from exaone.core.engine import RuntimeOptions, load_engine
 from exaone.core.errors import ExaoneError
 from exaone.core.generate import Sampling, generate
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
 
 QUIET = dict(say=lambda _: None)
 SMALL = dict(max_batch_size=16, max_input_len=96, max_seq_len=160, max_num_tokens=48, tokens_per_block=4)
@@ -248,8 +248,8 @@ def test_build_twice_is_a_noop_and_force_rebuilds(checkpoints, tmp_path):
 def test_default_model_through_the_engine(tmp_path, monkeypatch):
     import os
 
-    from exaone.core import default_model as dm
-    from exaone.core.tokenizer import encode, load_tokenizer
+    from exaone.core.hub import default_model as dm
+    from exaone.core.io.tokenizer import encode, load_tokenizer
 
     if not os.environ.get("EXAONE_CACHE"):  # test_default_model's session cache when the suite runs it first
         monkeypatch.setenv("EXAONE_CACHE", str(tmp_path / "cache"))
@@ -267,7 +267,7 @@ def quantized_dir(src, dst, fmt: str, group: int = 32):
     """A Model Optimizer style export of the float checkpoint src in `fmt`, made with formats.py."""
     from safetensors.torch import load_file, save_file
 
-    from exaone.quant import formats as F
+    from exaone.core import qmath as F
 
     dst.mkdir()
     gen = torch.Generator().manual_seed(1)

@@ -5,8 +5,8 @@ import torch
 from conftest import exaone3_checkpoint
 
 from exaone.core.generate import Sampling, generate
-from exaone.core.kv_cache import KVCache
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
+from exaone.core.model.kv_cache import KVCache
 
 CASES = {
     "untied-llama3": dict(tie=False),

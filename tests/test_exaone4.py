@@ -6,8 +6,8 @@ from conftest import exaone4_checkpoint
 
 from exaone.core.config import FULL, SLIDING
 from exaone.core.generate import Sampling, generate
-from exaone.core.kv_cache import KVCache
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
+from exaone.core.model.kv_cache import KVCache
 
 WINDOW = 5
 CASES = {

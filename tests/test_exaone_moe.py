@@ -12,8 +12,8 @@ from torch import nn
 
 from exaone.core.config import FULL, SLIDING, parse_config
 from exaone.core.errors import ExaoneError
-from exaone.core.kv_cache import KVCache
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
+from exaone.core.model.kv_cache import KVCache
 
 # MTP tensor names as vLLM (exaone_moe_mtp.py) and TensorRT-LLM (exaone_moe_weight_mapper.py) read
 # them, written out here rather than taken from the code under test.

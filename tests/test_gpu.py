@@ -8,8 +8,8 @@ from conftest import add_tokenizer, exaone3_checkpoint, exaone4_checkpoint, exao
 
 from exaone.cli.app import main
 from exaone.core.generate import Sampling, generate
-from exaone.core.kv_cache import KVCache
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
+from exaone.core.model.kv_cache import KVCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

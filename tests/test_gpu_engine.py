@@ -10,7 +10,7 @@ from exaone.build.builder import BuildOptions, build
 from exaone.core.engine import RuntimeOptions, load_engine
 from exaone.core.errors import ExaoneError
 from exaone.core.generate import Sampling, generate
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -146,8 +146,8 @@ def test_beam_search_matches_transformers_on_cuda(family):
 
 
 def test_bf16_default_model_engine_equals_run_path(tmp_path):
-    from exaone.core import default_model as dm
-    from exaone.core.tokenizer import encode, load_tokenizer
+    from exaone.core.hub import default_model as dm
+    from exaone.core.io.tokenizer import encode, load_tokenizer
 
     try:
         directory = dm.ensure_default_model(print)

@@ -8,7 +8,7 @@ import torch
 from test_kernels import BF, FORMATS, FP16, _activations, exported, packed_linear, rel_err
 
 from exaone.core import kernels as K
-from exaone.quant import formats
+from exaone.core import qmath as formats
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -55,9 +55,10 @@ def test_int8_dynamic_on_cuda():
 def test_kv_quant_on_cuda(kv):
     x = torch.randn(2, 8, 32, 128).to(BF)
     scale = torch.tensor(0.01)
-    q = K.quantize_kv(x.cuda(), scale.cuda(), kv)
-    assert torch.equal(q.cpu().view(torch.uint8), K.quantize_kv(x, scale, kv).view(torch.uint8))
-    assert torch.equal(K.dequantize_kv(q, scale.cuda(), BF).cpu(), K.dequantize_kv(q.cpu(), scale, BF))
+    q = formats.quantize_kv(x.cuda(), scale.cuda(), kv)
+    assert torch.equal(q.cpu().view(torch.uint8), formats.quantize_kv(x, scale, kv).view(torch.uint8))
+    back = formats.dequantize_kv(q, scale.cuda(), BF).cpu()
+    assert torch.equal(back, formats.dequantize_kv(q.cpu(), scale, BF))
 
 
 def test_timing_print():
@@ -87,4 +88,4 @@ def test_nvfp4_activation_kernel_exact_on_cuda():
         x = (torch.randn(37, 4096, generator=g) * torch.logspace(-7, 1, 4096)).to(dtype)
         for input_scale in (torch.tensor(1 / 448), x.float().abs().max() / 2688, torch.tensor(1e-6)):
             ours = fake_quant_nvfp4_triton(x.cuda(), input_scale.cuda()).cpu()
-            assert torch.equal(ours, K.fake_quant_nvfp4(x, input_scale))
+            assert torch.equal(ours, formats.fake_quant_nvfp4(x, input_scale))

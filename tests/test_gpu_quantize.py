@@ -19,7 +19,7 @@ import torch
 from conftest import exaone3_checkpoint
 from safetensors.torch import load_file
 
-from exaone.core.model import load_model
+from exaone.core.loader import load_model
 from exaone.quant.quantize import QuantizeOptions, quantize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from exaone.cli.app import main
-from exaone.core import manifest as mf
+from exaone.core.io import manifest as mf
 from tests.test_manifest import full_manifest, hf_dir
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from exaone.core import kernels as K
+from exaone.core import qmath as formats
 from exaone.core.errors import ExaoneError
-from exaone.quant import formats
 
 BF, FP16 = torch.bfloat16, torch.float16
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_int8_dynamic_per_token():
 def test_int4_layouts_round_trip():
     q = torch.randint(-8, 8, (64, 256), dtype=torch.int8)
     packed = formats.pack_int4_rows(q)
-    assert torch.equal(K.unpack_int4_modelopt(packed), q)
+    assert torch.equal(formats.unpack_int4_rows(packed), q)
     p = K.pack_int4(packed, torch.ones(64, 2))
     assert p["qweight"].shape == (128, 64) and p["qweight"].dtype == torch.uint8
     from exaone.core.kernels.int4 import dequantize
@@ -203,7 +203,7 @@ def test_nvfp4_matches_modelopt_quantizer():
     p = K.pack_nvfp4(qt._quantized_data, ws, ws2)
     ours = dequantize(p["qweight"], p["scales"], p["weight_scale_2"], torch.float32)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
-    assert torch.equal(K.fake_quant_nvfp4(w.float(), ws2), theirs)
+    assert torch.equal(formats.fake_quant_nvfp4(w.float(), ws2), theirs)
 
 
 # Model Optimizer quantizes one linear (its calibration, AWQ search, smoothing) and exports it with
@@ -261,13 +261,14 @@ def test_matches_modelopt(modelopt_linears, fmt):
 def test_kv_cache_quantization(kv):
     x = torch.randn(2, 4, 16, 64).to(BF) * 3
     scale = torch.tensor(x.float().abs().max().item() / (448 if kv == "fp8" else 127))
-    q = K.quantize_kv(x, scale, kv)
+    q = formats.quantize_kv(x, scale, kv)
     assert q.dtype == {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[kv]
-    back = K.dequantize_kv(q, scale, BF)
+    back = formats.dequantize_kv(q, scale, BF)
     expect = formats.fake_quant_fp8(x, scale) if kv == "fp8" else formats.fake_quant_int8(x, scale)
     assert torch.equal(back, expect)
     # saturation instead of inf/NaN for values beyond the calibrated range
-    assert torch.isfinite(K.dequantize_kv(K.quantize_kv(x * 10, scale, kv), scale, torch.float32)).all()
+    big = formats.quantize_kv(x * 10, scale, kv)
+    assert torch.isfinite(formats.dequantize_kv(big, scale, torch.float32)).all()
 
 
 def test_bad_inputs_are_one_line_errors():
@@ -276,7 +277,7 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(ExaoneError, match="weight_scale"):
         K.pack_fp8(torch.zeros(16, 16).to(torch.float8_e4m3fn), torch.ones(3))
     with pytest.raises(ExaoneError, match="kv_cache_dtype"):
-        K.quantize_kv(torch.zeros(4), 1.0, "int4")
+        formats.quantize_kv(torch.zeros(4), 1.0, "int4")
     with pytest.raises(ExaoneError, match="backend"):
         K.w8a16_linear(
             torch.zeros(2, 64), torch.zeros(64, 16, dtype=torch.int8), torch.ones(1, 16), backend="x"
@@ -343,7 +344,7 @@ def _nvfp4_activation_kernel():
             torch.tensor(1e-6),
         ):
             ours = fake_quant_nvfp4_triton(x, input_scale)
-            assert torch.equal(ours, K.fake_quant_nvfp4(x, input_scale)), (dtype, input_scale)
+            assert torch.equal(ours, formats.fake_quant_nvfp4(x, input_scale)), (dtype, input_scale)
 
 
 _SMALL_TILE = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exaone.core import manifest as mf
 from exaone.core.errors import ExaoneError
+from exaone.core.io import manifest as mf
 
 DOCS_SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "manifest.schema.json"
 EXAONE4_CONFIG = {
@@ -192,6 +192,6 @@ def test_derive_plain_hf_dir(tmp_path):
 def test_schema_doc_in_sync():
     expected = json.dumps(mf.json_schema(), indent=2) + "\n"
     assert DOCS_SCHEMA.read_text() == expected, (
-        "docs/manifest.schema.json is stale: python -m exaone.core.manifest > docs/manifest.schema.json"
+        "docs/manifest.schema.json is stale: python -m exaone.core.io.manifest > docs/manifest.schema.json"
     )
     assert mf.json_schema()["$schema"].startswith("https://json-schema.org/")

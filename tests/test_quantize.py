@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from exaone.cli.app import main
 from exaone.core.errors import ExaoneError
-from exaone.core.model import load_model
-from exaone.quant.linear import QuantLinear
+from exaone.core.formats.linear import QuantLinear
+from exaone.core.loader import load_model
 from exaone.quant.quantize import QuantizeOptions, quantize
 
 pytestmark = [
@@ -48,7 +48,7 @@ def out_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_ids(default_model_dir):
-    from exaone.core.tokenizer import load_tokenizer
+    from exaone.core.io.tokenizer import load_tokenizer
 
     text = (SHARED_DATA / "wikitext2" / "raw" / "wiki.test.raw").read_text(encoding="utf-8")[:4000]
     ids = load_tokenizer(default_model_dir)(text)["input_ids"][:256]
@@ -146,7 +146,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny3, tmp_path, capsys, args,
 
 
 def test_hub_dataset_fails_fast_offline(tiny3, tmp_path, capsys, monkeypatch):
-    import exaone.quant.calib as calib
+    import exaone.core.io.calibration as calib
 
     monkeypatch.setattr(calib, "_hub_reachable", lambda timeout=5.0: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -158,9 +158,10 @@ def test_exaone4_keeps_explicit_pre_quant_scale_and_matches_fake_quant(tmp_path)
     """Post-norm: q/k/v and gate/up read the residual stream, so AWQ/SmoothQuant scales cannot be folded
     into a norm. The export must keep them, and the reloaded model must match Model Optimizer's own
     fake-quantized model (int8_sq) well within the quantization error itself."""
+    from exaone.core import reference as hf_model
     from exaone.core.config import load_config
-    from exaone.core.tokenizer import load_tokenizer
-    from exaone.quant import calib, hf_model
+    from exaone.core.io import calibration as calib
+    from exaone.core.io.tokenizer import load_tokenizer
     from exaone.quant.quantize import ExpertCounter, _calibrate, _export, _plain_progress, write_checkpoint
 
     src = tmp_path / "e4"

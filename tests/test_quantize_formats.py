@@ -1,4 +1,4 @@
-"""exaone.quant.formats against Model Optimizer's own export, and the AutoAWQ layout against a formula.
+"""exaone.core.qmath against Model Optimizer's own export, and the AutoAWQ layout against a formula.
 
 A tiny LlamaForCausalLM is quantized by modelopt (`mtq.quantize` + `export_hf_checkpoint`) in every
 format; re-quantizing the original weights with our functions and the exported scales must give the
@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from exaone.quant import formats as F
+from exaone.core import qmath as F
 
 FORMATS = ["fp8", "int8_sq", "int8_wo", "int4_wo", "int4_awq", "w4a8_awq", "nvfp4"]
 BLOCK = 128
@@ -143,8 +143,8 @@ def test_autoawq_checkpoint_loads(tmp_path):
     from conftest import exaone3_checkpoint
     from safetensors.torch import load_file, save_file
 
-    from exaone.core.model import load_model
-    from exaone.quant.linear import QuantLinear
+    from exaone.core.formats.linear import QuantLinear
+    from exaone.core.loader import load_model
 
     src = tmp_path / "awq"
     exaone3_checkpoint(src, hidden_size=64, intermediate_size=128)

@@ -123,8 +123,8 @@ def test_eval_context_ppl_ours_matches_transformers(default_model_dir, shared_da
 
 @pytest.mark.parametrize("family", ["exaone3", "exaone4", "exaone_moe"])
 def test_hf_reference_is_transformers_class_with_same_logits(family, tmp_path):
-    from exaone.core.model import load_model
-    from exaone.eval.hf_reference import load_reference
+    from exaone.core.loader import load_model
+    from exaone.core.reference import load_reference
 
     if family == "exaone3":
         exaone3_checkpoint(tmp_path, tie=True)
@@ -145,7 +145,7 @@ def test_hf_reference_is_transformers_class_with_same_logits(family, tmp_path):
 
 
 def test_hf_reference_refuses_quantized_checkpoint(tmp_path):
-    from exaone.eval.hf_reference import load_reference
+    from exaone.core.reference import load_reference
 
     exaone3_checkpoint(tmp_path)
     (tmp_path / "hf_quant_config.json").write_text("{}")

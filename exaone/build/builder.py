@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from exaone.core.config import load_config
-from exaone.core.engine.kv_quant import KV_DTYPES
-from exaone.core.engine.layout import fuse, linear_kinds
+from exaone.build.packing import pack_model
+from exaone.core import qmath
+from exaone.core.engine.layout import fuse
 from exaone.core.engine.runtime import BuildConfig
 from exaone.core.engine.store import (
     CHECKPOINT_DIR,
@@ -31,7 +31,9 @@ from exaone.core.engine.store import (
     current_versions,
 )
 from exaone.core.errors import ExaoneError
-from exaone.core.manifest import (
+from exaone.core.formats.linear import linear_kinds
+from exaone.core.io.checkpoint import SIDE_FILES
+from exaone.core.io.manifest import (
     Manifest,
     ParallelMapping,
     atomic_output_dir,
@@ -44,14 +46,12 @@ from exaone.core.manifest import (
     read_manifest,
     write_manifest,
 )
-from exaone.core.model import load_model, resolve_device, resolve_dtype
+from exaone.core.loader import load_model, open_checkpoint, resolve_device, resolve_dtype
+from exaone.core.trtllm.names import is_trtllm_checkpoint
 
-KV_CACHE_DTYPES = ("auto", "fp16", "bf16", "fp8", "int8")
+# auto: the compute dtype (fp32 only that way: a float32 CPU engine).
+KV_CACHE_DTYPES = ("auto", *(k for k in qmath.KV_CACHE_DTYPES if k != "fp32"))
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json",
-)  # fmt: skip
 
 
 @dataclass
@@ -78,28 +78,24 @@ def _check(opts: BuildOptions):
         raise ExaoneError(f"--kv_cache_dtype {opts.kv_cache_dtype!r}: expected one of {allowed}")
 
 
-def _source(src: Path) -> tuple[Path, Manifest, str | None, int]:
-    """The directory load_model reads, the parent manifest, its hash, and the checkpoint's tp size."""
-    try:
-        from exaone.core import trtllm
-    except ImportError:
-        trtllm = None
+def _source(src: Path) -> tuple[Manifest, str | None, int]:
+    """The parent manifest, its hash, and the checkpoint's tp size."""
     if not src.is_dir():
         raise ExaoneError(f"{src}: not a directory (expected a checkpoint directory)")
     m = read_manifest(src)
     tp = 1
-    if trtllm is not None and trtllm.is_trtllm_checkpoint(src):
+    if is_trtllm_checkpoint(src):
         tp = int(json.loads((src / "config.json").read_text()).get("mapping", {}).get("tp_size", 1))
         if m is None:
             raise ExaoneError(
                 f"{src}: a TensorRT-LLM checkpoint without exaone-manifest.json: convert it again"
             )
-        return src, m, manifest_hash(m), tp
+        return m, manifest_hash(m), tp
     if m is None:
         m = derive_manifest(src)  # sizes, not hashes: a changed shard changes the fingerprint
     if m.mapping.tp_size:
         tp = m.mapping.tp_size
-    return src, m, manifest_hash(m), tp
+    return m, manifest_hash(m), tp
 
 
 def build(
@@ -113,7 +109,7 @@ def build(
     opts = opts or BuildOptions()
     _check(opts)
     src, out = Path(checkpoint), Path(output_dir)
-    src, parent, parent_hash, ckpt_tp = _source(src)
+    parent, parent_hash, ckpt_tp = _source(src)
     tp = opts.tp_size if opts.tp_size is not None else ckpt_tp
     if tp != 1 or ckpt_tp != 1:
         raise ExaoneError(
@@ -137,8 +133,8 @@ def build(
     if not force and old is not None and old.kind == "engine":
         force = True  # our own stale engine: replace it (anything else still needs --force)
     say(f"loading {src}")
-    model_src = _hf_dir(src)
-    cfg = load_config(model_src)
+    ck = open_checkpoint(src)
+    cfg = ck.cfg
     dtype = resolve_dtype(opts.dtype, cfg, device)
     max_seq_len = opts.max_seq_len or cfg.max_position_embeddings
     if max_seq_len > cfg.max_position_embeddings:
@@ -152,9 +148,7 @@ def build(
             "(room for at least one output token)"
         )
     kv = opts.kv_cache_dtype if opts.kv_cache_dtype != "auto" else SHORT[dtype]
-    if kv not in KV_DTYPES:
-        raise ExaoneError(f"--kv_cache_dtype {kv}: not supported")
-    model = load_model(model_src, dtype, "cpu")
+    model = load_model(ck, dtype, "cpu")
     build_cfg = BuildConfig(
         max_batch_size=opts.max_batch_size,
         max_input_len=opts.max_input_len,
@@ -169,19 +163,21 @@ def build(
     kinds = linear_kinds(model)
     packed = None
     if kinds - {"Linear"}:
-        from exaone.core.engine.packed import pack_model
-
         packed = pack_model(model, dtype)  # None: a format without a packed kernel
         kinds = linear_kinds(model)
     quantized = packed is None and bool(kinds - {"Linear"})
     with atomic_output_dir(out, force) as tmp:
-        for name in ("config.json", *SIDE_FILES):
-            if (model_src / name).is_file():
-                shutil.copy(model_src / name, tmp / name)
+        if ck.is_trtllm:  # the Hugging Face config.json the reader rebuilt
+            (tmp / "config.json").write_text(json.dumps(ck.hf_config, indent=2) + "\n")
+        else:
+            shutil.copy(src / "config.json", tmp / "config.json")
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy(src / name, tmp / name)
         if quantized:
             say("quantized linears: keeping the Model Optimizer tensors (reference math)")
             skip = shutil.ignore_patterns(".*", "exaone-manifest.json")
-            shutil.copytree(model_src, tmp / CHECKPOINT_DIR, ignore=skip)
+            shutil.copytree(src, tmp / CHECKPOINT_DIR, ignore=skip)
         else:
             what = f"packed {', '.join(sorted(set(packed.values())))} and " if packed else ""
             say(f"writing {what}fused {build_cfg.dtype} weights")
@@ -214,11 +210,3 @@ def build(
         write_manifest(tmp, manifest)
     say(f"engine written to {out}")
     return out
-
-
-def _hf_dir(src: Path) -> Path:
-    try:
-        from exaone.core import trtllm
-    except ImportError:
-        return src
-    return trtllm.as_hf_dir(src) if trtllm.is_trtllm_checkpoint(src) else src

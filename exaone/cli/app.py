@@ -7,6 +7,7 @@ import sys
 import typer
 
 from exaone import __version__
+from exaone.cli.errors import message
 from exaone.core.errors import ExaoneError
 
 app = typer.Typer(
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = typer.main.get_command(app).main(args=argv, prog_name="exaone", standalone_mode=False)
     except ExaoneError as e:
-        _fail(str(e), e)
+        _fail(message(e), e)
         return 2
     except (KeyboardInterrupt, *_click_errors("Abort")):
         print("interrupted", file=sys.stderr)

@@ -86,7 +86,7 @@ def convert(
     ] = False,
 ):
     """Convert a checkpoint to the TensorRT-LLM checkpoint format (trtllm-build can build it)."""
-    from exaone.core import trtllm
+    from exaone.core.trtllm import convert as trtllm
 
     if model is not None and model_dir is not None and model != model_dir:
         raise ExaoneError(f"two model directories given ({model} and --model_dir {model_dir}); give one")

@@ -51,7 +51,7 @@ def download(
     json_out: JsonOpt = False,
 ):
     """Download a checkpoint (or import a local copy), verify it and write its manifest."""
-    from exaone.core import download as dl
+    from exaone.core.hub import download as dl
 
     if list_:
         _print_list(dl.releases_table(), json_out)

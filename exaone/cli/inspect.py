@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from exaone.cli.options import JsonOpt, flag
-from exaone.core import manifest
 from exaone.core.errors import ExaoneError
+from exaone.core.io import manifest
 
 
 def inspect(

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from exaone.cli.options import Device, DeviceOpt, Dtype, DtypeOpt, JsonOpt, flag
 from exaone.core.errors import ExaoneError
-from exaone.quant.formats import FORMATS
+from exaone.core.formats.registry import QUANTIZE_FORMATS as FORMATS
 
 
 def quantize(

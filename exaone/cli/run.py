@@ -157,7 +157,7 @@ def run(
         _print_report(report, json_out, not json_out and len(prompts) == 1 and num_beams == 1, err)
         return
     if directory is None:
-        from exaone.core.default_model import DEFAULT_LABEL, ensure_default_model
+        from exaone.core.hub.default_model import DEFAULT_LABEL, ensure_default_model
 
         directory, label = ensure_default_model(lambda msg: err.print(msg)), DEFAULT_LABEL
     else:
@@ -248,11 +248,11 @@ def _write(text: str):
 
 
 def _manifest_label(directory: Path) -> str | None:
-    try:
-        from exaone.core.manifest import read_manifest
+    from exaone.core.io.manifest import read_manifest
 
+    try:
         m = read_manifest(directory)
-    except (ImportError, ExaoneError):
+    except ExaoneError:
         return None
     return m.model.label if m else None
 

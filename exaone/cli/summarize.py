@@ -149,7 +149,7 @@ def summarize(
     if engine_dir is None and model_dir is None:
         model_dir = hf_model_dir
     if engine_dir is None and model_dir is None:
-        from exaone.core.default_model import DEFAULT_LABEL, ensure_default_model
+        from exaone.core.hub.default_model import DEFAULT_LABEL, ensure_default_model
 
         model_dir, label = ensure_default_model(lambda msg: err.print(msg)), DEFAULT_LABEL
     gen = GenParams(

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from exaone.core.errors import ExaoneError
-from exaone.core.kv_cache import KVCache
-from exaone.core.layers import CausalLM
+from exaone.core.model.kv_cache import KVCache
+from exaone.core.model.layers import CausalLM
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import torch
 
 from exaone.core.errors import ExaoneError
 from exaone.core.generate import Sampling, generate
-from exaone.core.layers import CausalLM
-from exaone.core.model import load_model, resolve_device
-from exaone.core.tokenizer import encode, load_tokenizer, stop_ids
+from exaone.core.io.tokenizer import encode, load_tokenizer, stop_ids
+from exaone.core.loader import load_model, resolve_device
+from exaone.core.model.layers import CausalLM
 
 
 @dataclass

@@ -6,11 +6,15 @@ lives under "run"; the rest is a function of the inputs, the model and the numer
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from exaone.eval.rouge import ROUGE_TYPES
+from exaone.eval import ppl as ppl_mod
+from exaone.eval.rouge import ROUGE_TYPES, rouge
+
+ROUND = 4  # digits kept in the deterministic part of the report
 
 REPORT_VERSION = 1
 SIDE_TITLES = {"exaone": "exaone", "hf": "Hugging Face"}
@@ -24,8 +28,6 @@ class Evaluation:
 
 
 def build_report(opts, dataset, batches, runs: dict, tokenizer) -> Evaluation:
-    from exaone.eval.summarize import ROUND, side_metrics
-
     task = opts.eval_task
     items = [item for batch in batches for item in batch]
     sides = {}
@@ -156,7 +158,7 @@ def _run_section(opts, runs: dict) -> dict:
 def write_outputs(evaluation: Evaluation, directory: Path, force: bool = False):
     """summarize.py's --output_dir files (exaone.out / hf.out: `[index] [Beam 0] text`), plus
     samples.jsonl and report.json; written into a temporary sibling and renamed into place."""
-    from exaone.core.manifest import atomic_output_dir
+    from exaone.core.io.manifest import atomic_output_dir
 
     report = evaluation.report
     with atomic_output_dir(directory, force=force) as tmp:
@@ -246,3 +248,24 @@ def _fmt(value, signed: bool = False) -> str:
 
 def _clip(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
+
+
+def side_metrics(run, batches: list, task: str) -> dict:
+    """The deterministic results of one side (no timings)."""
+    items = [item for batch in batches for item in batch]
+    result: dict = {"samples": len(items)}
+    if task == "summarize":
+        preds = [run.texts[i.index] for i in items]
+        scores = rouge(preds, [i.reference for i in items])
+        result["output_tokens"] = run.output_tokens
+        result.update({k: round(scores[k], ROUND) for k in ROUGE_TYPES})
+        digest = hashlib.sha256("\n\x00".join(preds).encode()).hexdigest()
+        result["outputs_sha256"] = digest
+    else:
+        result["tokens_scored"] = run.tokens_scored
+    if run.ppl:
+        values = [run.ppl[i.index] for i in items]
+        result["per_token_ppl"] = round(sum(values) / len(values), ROUND)
+    if run.context_nll:
+        result["context_ppl"] = round(ppl_mod.perplexity(run.context_nll), ROUND)
+    return result

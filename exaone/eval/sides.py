@@ -107,13 +107,8 @@ class OurEngine(Side):
     """An engine directory (`exaone build`) through exaone.core.engine.load_engine."""
 
     def __init__(self, engine_dir, tokenizer, stops, pad_id, device: str):
-        try:
-            from exaone.core.engine import load_engine
-        except ImportError:
-            raise ExaoneError(
-                "--engine_dir: not supported yet: exaone build has not landed in this version "
-                "(evaluate a model directory with --model_dir)"
-            ) from None
+        from exaone.core.engine import load_engine
+
         start = time.perf_counter()
         self.engine = load_engine(engine_dir, device=device)
         cfg = self.engine.cfg
@@ -146,8 +141,8 @@ class HFReference(Side):
 
     def __init__(self, model_dir, stops, pad_id, device: str, dtype: str):
         from exaone.core.config import load_config
-        from exaone.core.model import resolve_device, resolve_dtype
-        from exaone.eval.hf_reference import load_reference
+        from exaone.core.loader import resolve_device, resolve_dtype
+        from exaone.core.reference import load_reference
 
         start = time.perf_counter()
         dev = resolve_device(device)
@@ -209,7 +204,7 @@ def open_ours(
 ) -> tuple[Side, object]:
     """Our side and its tokenizer."""
     if engine_dir is not None:
-        from exaone.core.tokenizer import load_tokenizer
+        from exaone.core.io.tokenizer import load_tokenizer
 
         tok_dir = tokenizer_dir or model_dir or engine_dir
         tokenizer = load_tokenizer(tok_dir)
@@ -223,7 +218,7 @@ def open_ours(
 def stop_and_pad(tokenizer, directory: Path) -> tuple[set[int], int]:
     """Stop and pad ids from a directory's config.json when it has a readable one, else the tokenizer."""
     from exaone.core.config import load_config
-    from exaone.core.tokenizer import stop_ids
+    from exaone.core.io.tokenizer import stop_ids
 
     try:
         cfg = load_config(directory)

@@ -13,7 +13,6 @@ context tokens alone.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,12 +21,11 @@ from pathlib import Path
 from exaone.core.errors import ExaoneError
 from exaone.eval import data as data_mod
 from exaone.eval import ppl as ppl_mod
-from exaone.eval.rouge import ROUGE_TYPES, rouge
+from exaone.eval.report import build_report
 from exaone.eval.sides import GenParams, HFReference, Side, open_ours, stop_and_pad
 
 TASKS = ("summarize", "eval_context_ppl")
 APPEND = " TL;DR: "
-ROUND = 4  # digits kept in the deterministic part of the report
 
 
 @dataclass
@@ -114,7 +112,7 @@ Progress = Callable[[str, int, int], None]
 
 def evaluate(opts: Options, progress: Progress | None = None):
     """Run every requested side over the same inputs; return the report (see report.py)."""
-    from exaone.core.tokenizer import load_tokenizer
+    from exaone.core.io.tokenizer import load_tokenizer
 
     opts.check()
     if opts.eval_task == "eval_context_ppl":
@@ -143,8 +141,6 @@ def evaluate(opts: Options, progress: Progress | None = None):
         side = HFReference(hf_dir, stops, pad_id, opts.device, opts.dtype)
         runs["hf"] = run_side(side, batches, tokenizer, gen, opts, progress)
         side.close()
-    from exaone.eval.report import build_report
-
     return build_report(opts, dataset, batches, runs, tokenizer)
 
 
@@ -224,24 +220,3 @@ def run_side(
             progress(side.name, n, len(batches))
     run.latency_s = time.perf_counter() - start
     return run
-
-
-def side_metrics(run: SideRun, batches: list[list[Item]], task: str) -> dict:
-    """The deterministic results of one side (no timings)."""
-    items = [item for batch in batches for item in batch]
-    result: dict = {"samples": len(items)}
-    if task == "summarize":
-        preds = [run.texts[i.index] for i in items]
-        scores = rouge(preds, [i.reference for i in items])
-        result["output_tokens"] = run.output_tokens
-        result.update({k: round(scores[k], ROUND) for k in ROUGE_TYPES})
-        digest = hashlib.sha256("\n\x00".join(preds).encode()).hexdigest()
-        result["outputs_sha256"] = digest
-    else:
-        result["tokens_scored"] = run.tokens_scored
-    if run.ppl:
-        values = [run.ppl[i.index] for i in items]
-        result["per_token_ppl"] = round(sum(values) / len(values), ROUND)
-    if run.context_nll:
-        result["context_ppl"] = round(ppl_mod.perplexity(run.context_nll), ROUND)
-    return result

@@ -1,7 +1,8 @@
 """`exaone quantize`: calibrate with NVIDIA Model Optimizer and write its HF export under EXAONE names.
 
 Steps: check the request before any work; build the transformers model holding the checkpoint
-(hf_model.py); pack calibration text into [calib_size, calib_seq] token rows (calib.py); run
+(exaone/core/reference.py); pack calibration text into [calib_size, calib_seq] token rows
+(exaone/core/io/calibration.py); run
 `mtq.quantize` with the format's config and a forward loop over batches; `export_hf_checkpoint` into
 a scratch directory; rewrite its tensors under the checkpoint's own names next to the source's
 tokenizer files; write the manifest. Everything lands in a temporary sibling directory renamed into
@@ -23,18 +24,23 @@ from pathlib import Path
 
 import torch
 
-from exaone.core import manifest as mf
+from exaone.core import reference
 from exaone.core.config import ModelConfig, load_config
-from exaone.core.errors import ExaoneError
-from exaone.core.model import DTYPES, resolve_device
-from exaone.quant import calib
-from exaone.quant.formats import FORMATS, NVFP4_BLOCK
+from exaone.core.errors import ExaoneError, OptionError
+from exaone.core.formats import registry
+from exaone.core.formats.detect import quantization_method
+from exaone.core.formats.registry import FP32_PATTERNS, QUANTIZE_FORMATS
+from exaone.core.io import calibration as calib
+from exaone.core.io import manifest as mf
+from exaone.core.io.tokenizer import load_tokenizer
+from exaone.core.loader import DTYPES, resolve_device
+from exaone.core.qmath import NVFP4_BLOCK
+from exaone.core.trtllm.convert import MODELOPT_ALGOS, ConvertOptions, convert
 
-KV_DTYPES = ("auto", "fp8", "int8")
+KV_DTYPES = ("auto", "fp8", "int8")  # what --kv_cache_dtype may ask Model Optimizer for
 WEIGHT_FILES = (".safetensors",)
 SKIP_FILES = {"config.json", "model.safetensors.index.json", mf.MANIFEST_NAME, "hf_quant_config.json"}
-# Formats with FP8 math in calibration need FP8 hardware on a GPU (Ada / Hopper / Blackwell).
-NEEDS_FP8_GPU = {"fp8": (8, 9), "w4a8_awq": (8, 9), "nvfp4": (8, 9)}
+FP8_GPU = (8, 9)  # formats with FP8 math in calibration need Ada / Hopper / Blackwell on a GPU
 
 
 @dataclass
@@ -72,17 +78,9 @@ def quant_config(opts: QuantizeOptions) -> dict:
     """Model Optimizer's config for a format, with our block size and KV-cache choice applied."""
     import modelopt.torch.quantization as mtq
 
-    base = {
-        "fp8": mtq.FP8_DEFAULT_CFG,
-        "int8_sq": mtq.INT8_SMOOTHQUANT_CFG,
-        "int4_awq": mtq.INT4_AWQ_CFG,
-        "w4a8_awq": mtq.W4A8_AWQ_BETA_CFG,
-        "nvfp4": mtq.NVFP4_DEFAULT_CFG,
-        "int8_wo": mtq.INT8_WEIGHT_ONLY_CFG,
-        "int4_wo": mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG,
-    }[opts.qformat]
+    base = getattr(mtq, registry.get(opts.qformat).modelopt_config)
     cfg = copy.deepcopy(base)
-    if opts.qformat in ("int4_awq", "w4a8_awq", "int4_wo"):
+    if registry.get(opts.qformat).block == "awq":
         for entry in cfg["quant_cfg"]:
             if entry.get("quantizer_name") == "*weight_quantizer":
                 first = entry["cfg"][0] if isinstance(entry["cfg"], list) else entry["cfg"]
@@ -93,9 +91,8 @@ def quant_config(opts: QuantizeOptions) -> dict:
 
 
 def group_size(opts: QuantizeOptions) -> int | None:
-    if opts.qformat in ("int4_awq", "w4a8_awq", "int4_wo"):
-        return opts.awq_block_size
-    return NVFP4_BLOCK if opts.qformat == "nvfp4" else None
+    block = registry.get(opts.qformat).block
+    return {"awq": opts.awq_block_size, "nvfp4": NVFP4_BLOCK}.get(block)
 
 
 def in_features(cfg: ModelConfig) -> dict[str, int]:
@@ -109,8 +106,8 @@ def in_features(cfg: ModelConfig) -> dict[str, int]:
 
 
 def validate(cfg: ModelConfig, opts: QuantizeOptions, device: torch.device):
-    if opts.qformat not in FORMATS:
-        raise ExaoneError(f"--qformat {opts.qformat!r}: unknown (expected one of {', '.join(FORMATS)})")
+    if opts.qformat not in QUANTIZE_FORMATS:
+        raise OptionError("qformat", opts.qformat, f"unknown (expected one of {', '.join(QUANTIZE_FORMATS)})")
     if opts.kv_cache_dtype not in KV_DTYPES:
         raise ExaoneError(f"--kv_cache_dtype {opts.kv_cache_dtype!r}: expected one of {', '.join(KV_DTYPES)}")
     if opts.kv_cache_dtype == "int8":
@@ -137,9 +134,9 @@ def validate(cfg: ModelConfig, opts: QuantizeOptions, device: torch.device):
                 raise ExaoneError(
                     f"{flag} {block} does not divide the in-features of {kind} ({n}); pick a divisor of {n}"
                 )
-    if device.type == "cuda" and opts.qformat in NEEDS_FP8_GPU:
+    if device.type == "cuda" and registry.get(opts.qformat).fp8_hardware:
         cap = torch.cuda.get_device_capability(device)
-        if cap < NEEDS_FP8_GPU[opts.qformat]:
+        if cap < FP8_GPU:
             name = torch.cuda.get_device_name(device)
             raise ExaoneError(
                 f"--qformat {opts.qformat}: {name} (sm_{cap[0]}{cap[1]}) has no FP8 support; it needs "
@@ -183,8 +180,6 @@ def quantize(
         raise ExaoneError(
             f"{model_dir}: a {parent_manifest.kind} directory; quantize needs an unquantized HF one"
         )
-    from exaone.quant.load import quantization_method
-
     if quantization_method(model_dir) is not None:
         raise ExaoneError(f"{model_dir}: already quantized; quantize the unquantized checkpoint")
     cfg = load_config(model_dir)
@@ -199,8 +194,6 @@ def quantize(
     if opts.export_format == "trtllm":
         _check_trtllm(opts)
 
-    from exaone.core.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(model_dir)
     texts = calib.load_texts(opts.calib_dataset, opts.calib_size * 4, opts.seed)
     rows = calib.calibration_batches(
@@ -210,9 +203,7 @@ def quantize(
     torch.manual_seed(opts.seed)
     with mf.atomic_output_dir(out, force=force) as tmp:
         say(f"loading {model_dir} ({cfg.architecture}) as {dtype} on {device} ...")
-        from exaone.quant import hf_model
-
-        hf = hf_model.build(model_dir, cfg, dtype, device)
+        hf = reference.build(model_dir, cfg, dtype, device)
         counter = ExpertCounter(cfg)
         _calibrate(hf.model, rows, opts, device, counter, progress or _plain_progress(say))
         scratch = tmp / ".modelopt-export"
@@ -244,14 +235,8 @@ def quantize(
 
 
 def _check_trtllm(opts: QuantizeOptions):
-    """`exaone convert` (exaone.core.trtllm) must map this format onto TensorRT-LLM tensors."""
-    try:
-        from exaone.core.trtllm import MODELOPT_ALGOS
-    except ImportError:
-        raise ExaoneError("--export_format trtllm: not supported yet in this version; use hf") from None
-    from exaone.quant.formats import QUANT_ALGO
-
-    if QUANT_ALGO[opts.qformat] not in MODELOPT_ALGOS:
+    """`exaone convert` (exaone/core/trtllm) must map this format onto TensorRT-LLM tensors."""
+    if not registry.get(opts.qformat).trtllm:
         raise ExaoneError(
             f"--export_format trtllm: not supported yet for --qformat {opts.qformat} (TensorRT-LLM export "
             f"covers {', '.join(sorted(set(MODELOPT_ALGOS.values())))}); use --export_format hf"
@@ -260,8 +245,6 @@ def _check_trtllm(opts: QuantizeOptions):
 
 def _to_trtllm(tmp: Path, say) -> None:
     """Replace the HF export in tmp by its TensorRT-LLM checkpoint (through `exaone convert`)."""
-    from exaone.core.trtllm import ConvertOptions, convert
-
     hf_dir = tmp / ".hf-export"
     for f in list(tmp.iterdir()):
         if f != hf_dir and not f.name.startswith("."):
@@ -394,8 +377,6 @@ def write_checkpoint(scratch: Path, out: Path, source: Path, hf, dtype: torch.dt
     """Model Optimizer's export -> out, tensors renamed to the checkpoint's names and unquantized ones
     cast to dtype (scales stay float32), the source's side files (tokenizer, ...) kept."""
     from safetensors.torch import load_file, save_file
-
-    from exaone.quant.load import FP32_PATTERNS
 
     keep = re.compile("|".join([*FP32_PATTERNS, r"e_score_correction_bias$"]))
     files = sorted(scratch.glob("*.safetensors"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exaone.core.layers import Attention, GatedMLP
+from exaone.core.model.layers import Attention, GatedMLP
 
 
 class FusedQKVAttention(Attention):
@@ -62,13 +62,3 @@ def fuse(model: nn.Module) -> nn.Module:
                 gate_up = _concat([child.gate_proj, child.up_proj])
                 setattr(parent, name, FusedGatedMLP(gate_up, child.down_proj))
     return model
-
-
-def linear_kinds(model: nn.Module) -> set[str]:
-    """Class names of the linear layers (nn.Linear or a quantized replacement) in the model."""
-    kinds = set()
-    for module in model.modules():
-        name = type(module).__name__
-        if isinstance(module, nn.Linear) or "Linear" in name:
-            kinds.add(name)
-    return kinds

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exaone.core import qmath
 from exaone.core.config import ModelConfig
-from exaone.core.engine.kv_quant import dequantize, is_quantized, quantize
 from exaone.core.engine.prefix import PrefixIndex, block_keys
 from exaone.core.errors import ExaoneError
 
@@ -59,7 +59,8 @@ def make_groups(windows: list[int | None], block_size: int) -> list[Group]:
 
 
 def bytes_per_block(group: Group, cfg: ModelConfig, kv_dtype: torch.dtype) -> int:
-    per_token = cfg.num_kv_heads * (cfg.head_dim * kv_dtype.itemsize + (4 if is_quantized(kv_dtype) else 0))
+    scale = 4 if qmath.is_quantized_kv(kv_dtype) else 0  # a float32 scale per stored vector
+    per_token = cfg.num_kv_heads * (cfg.head_dim * kv_dtype.itemsize + scale)
     return 2 * len(group.layers) * group.block_size * per_token
 
 
@@ -94,7 +95,7 @@ class PagedKVCache:
     ):
         self.cfg, self.groups, self.kv_dtype, self.compute_dtype = cfg, groups, kv_dtype, compute_dtype
         self.device = device
-        self.quantized = is_quantized(kv_dtype)
+        self.quantized = qmath.is_quantized_kv(kv_dtype)
         self.where: dict[int, int] = {}
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
@@ -133,9 +134,6 @@ class PagedKVCache:
     def needs(self, length: int) -> list[int]:
         return [g.blocks_for(length) for g in self.groups]
 
-    def fits_ever(self, length: int) -> bool:
-        return all(n <= g.num_blocks - 1 for g, n in zip(self.groups, self.needs(length), strict=True))
-
     def can_admit(self, length: int) -> bool:
         return all(
             g.reserved + n <= g.num_blocks - 1 for g, n in zip(self.groups, self.needs(length), strict=True)
@@ -170,10 +168,6 @@ class PagedKVCache:
         if g.free:
             return g.free.pop()
         return self.prefix.evict()  # reservations guarantee a cached block nobody holds exists
-
-    def live_blocks(self, seq_id: int) -> list[int]:
-        """Blocks a sequence holds now, per group."""
-        return [sum(1 for b in blocks if b) for blocks in self.seqs[seq_id].blocks]
 
     # -- one forward pass -----------------------------------------------------------------------
     def plan(self, rows: list[tuple[int, int]], t: int, gather_blocks: list[int] | None = None):
@@ -256,8 +250,8 @@ class PagedKVCache:
         k, v = _raw(self.k[layer])[idx], _raw(self.v[layer])[idx]
         if self.quantized:
             k, v = k.view(self.kv_dtype), v.view(self.kv_dtype)
-            k = dequantize(k, self.k_scale[layer][idx], self.compute_dtype)
-            v = dequantize(v, self.v_scale[layer][idx], self.compute_dtype)
+            k = qmath.dequantize_kv(k, self.k_scale[layer][idx], self.compute_dtype)
+            v = qmath.dequantize_kv(v, self.v_scale[layer][idx], self.compute_dtype)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def write(self, layer: int, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -265,8 +259,8 @@ class PagedKVCache:
         k = k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[-1])
         v = v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1])
         if self.quantized:
-            k, ks = quantize(k, self.kv_dtype)
-            v, vs = quantize(v, self.kv_dtype)
+            ks, vs = qmath.kv_token_scale(k, self.kv_dtype), qmath.kv_token_scale(v, self.kv_dtype)
+            k, v = qmath.quantize_kv(k, ks, self.kv_dtype), qmath.quantize_kv(v, vs, self.kv_dtype)
             self.k_scale[layer].index_copy_(0, idx, ks)
             self.v_scale[layer].index_copy_(0, idx, vs)
         _raw(self.k[layer]).index_copy_(0, idx, _raw(k.to(self.kv_dtype)))

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exaone.core.engine.kv_quant import KV_DTYPES
+from exaone.core import qmath
 from exaone.core.engine.paged import Group, PagedKVCache, StepView, bytes_per_block, make_groups
 from exaone.core.errors import ExaoneError
 from exaone.core.generate import Generation, Sampling
-from exaone.core.layers import CausalLM
+from exaone.core.model.layers import CausalLM
 
 MiB = 1 << 20
 CPU_DEFAULT_KV_BYTES = 2 << 30  # without --max_tokens_in_paged_kv_cache the CPU pool stops here
@@ -73,7 +73,7 @@ class Engine:
                 "expected a value in (0, 1]"
             )
         self.windows = self._apply_windows(options.max_attention_window_size)
-        self.kv_dtype = KV_DTYPES[build.kv_cache_dtype]
+        self.kv_dtype = qmath.KV_CACHE_DTYPES[build.kv_cache_dtype]
         self.cache = self._make_cache()
         self.graphs, self.graphs_off_reason = None, None
         if self.device.type == "cuda" and options.cuda_graphs:

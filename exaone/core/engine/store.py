@@ -1,4 +1,5 @@
-"""The engine directory on disk: engine.json, the weights, and the checks `run` makes before using it.
+"""The engine directory on disk (what `exaone build` writes), the checks made before using one, and
+`load_engine`, which reads one into an Engine.
 
 ENGINE_DIR/
   exaone-manifest.json   kind "engine"; build config, target and versions also under extra.engine
@@ -11,12 +12,21 @@ ENGINE_DIR/
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from exaone import __version__
+from exaone.core import model as models
+from exaone.core.config import load_config
+from exaone.core.engine.layout import fuse
+from exaone.core.engine.runtime import BuildConfig, Engine, RuntimeOptions
 from exaone.core.errors import ExaoneError, read_json
+from exaone.core.formats.linear import PackedLinear
+from exaone.core.loader import assign, load_model
+from exaone.core.model.layers import CausalLM
 
 ENGINE_JSON = "engine.json"
 WEIGHTS = "rank0.safetensors"
@@ -79,3 +89,36 @@ def check_compatible(engine_dir: Path, info: dict, device: torch.device):
                 f"{target.get('compute_capability')}), this GPU is {now['gpu']} "
                 f"({now['compute_capability']}): rebuild it on this GPU with `exaone build`"
             )
+
+
+def load_engine(
+    engine_dir: str | Path, device: str = "auto", options: RuntimeOptions | None = None
+) -> Engine:
+    """Load an engine directory on `device` (auto: where it was built for)."""
+    engine_dir = Path(engine_dir)
+    info = read_engine_json(engine_dir)
+    built = info.get("build", {})
+    build = BuildConfig(**{f.name: built[f.name] for f in fields(BuildConfig) if f.name in built})
+    dev = torch.device(build.device if device == "auto" else device)
+    check_compatible(engine_dir, info, dev)
+    if info.get("weights") == "checkpoint":
+        model = load_model(engine_dir / CHECKPOINT_DIR, build.dtype, dev)
+    else:
+        model = _load_runtime_weights(engine_dir, dev, info.get("packed") or {})
+    return Engine(model, build, options, dev)
+
+
+def _load_runtime_weights(engine_dir: Path, device: torch.device, packed: dict[str, str]) -> CausalLM:
+    cfg = load_config(engine_dir)
+    with torch.device("meta"):
+        model = models.build(cfg)
+    path = engine_dir / WEIGHTS
+    if not path.is_file():
+        raise ExaoneError(f"{path}: missing (the engine directory is incomplete: rebuild it)")
+    state = load_file(str(path), device=str(device))
+    for name, fmt in packed.items():  # before fusing: packed projections stay separate
+        tensors = {k.removeprefix(name + "."): t for k, t in state.items() if k.startswith(name + ".")}
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(fmt, tensors))
+    fuse(model)
+    return assign(model, state, {}, str(path), device, hint="rebuild the engine")

@@ -1,4 +1,4 @@
-"""GEMM and KV-cache kernels for every quantized format, on raw tensors.
+"""GEMM kernels for every quantized format, on raw tensors (their math: exaone/core/qmath.py).
 
 Each linear function takes the activations ``x`` ``[..., K]`` and the weight tensors in the layout its
 ``pack_*`` function produces from NVIDIA Model Optimizer's exported checkpoint (``exaone build`` calls the
@@ -15,25 +15,21 @@ run on CPU tensors under ``TRITON_INTERPRET=1``, which is how the CPU tests chec
 | w4a8_awq | w4a8       | fp8 weights packed at build + torch._scaled_mm       | weights+activations |
 | nvfp4    | nvfp4      | Triton activation fake-quant + dequant GEMM*         | weights+activations |
 | int8_wo  | int8_wo    | Triton dequant GEMM (8-bit in registers)*            | weights             |
-| kv cache | kv_quant   | elementwise (fp8 e4m3 / int8, per-tensor)            | K and V             |
 
 (*) from dequant_gemm.DEQUANT_MM_MIN_M rows on: the weight is dequantized once, then one cuBLAS GEMM.
 docs/kernels.md has the layouts, the reasons and H100 timings.
 """
 
 from exaone.core.kernels.dense import dense_linear
-from exaone.core.kernels.fp8 import fp8_linear, pack_fp8, quantize_fp8
-from exaone.core.kernels.int4 import pack_int4, unpack_int4_modelopt, w4a16_linear
-from exaone.core.kernels.int8_sq import int8_sq_linear, pack_int8_sq, quantize_int8
+from exaone.core.kernels.fp8 import fp8_linear, pack_fp8
+from exaone.core.kernels.int4 import pack_int4, w4a16_linear
+from exaone.core.kernels.int8_sq import int8_sq_linear, pack_int8_sq
 from exaone.core.kernels.int8_wo import pack_int8_wo, w8a16_linear
-from exaone.core.kernels.kv_quant import dequantize_kv, quantize_kv
-from exaone.core.kernels.nvfp4 import fake_quant_nvfp4, nvfp4_linear, pack_nvfp4
+from exaone.core.kernels.nvfp4 import nvfp4_linear, pack_nvfp4
 from exaone.core.kernels.w4a8 import pack_w4a8, w4a8_linear
 
 __all__ = [
     "dense_linear",
-    "dequantize_kv",
-    "fake_quant_nvfp4",
     "fp8_linear",
     "int8_sq_linear",
     "nvfp4_linear",
@@ -43,10 +39,6 @@ __all__ = [
     "pack_int8_wo",
     "pack_nvfp4",
     "pack_w4a8",
-    "quantize_fp8",
-    "quantize_int8",
-    "quantize_kv",
-    "unpack_int4_modelopt",
     "w4a16_linear",
     "w4a8_linear",
     "w8a16_linear",

@@ -40,12 +40,3 @@ def flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 def check_weight(name: str, t: torch.Tensor, dtype: torch.dtype, ndim: int) -> None:
     if t.dtype != dtype or t.dim() != ndim:
         raise ExaoneError(f"{name}: expected a {ndim}-D {dtype} tensor, got {t.dim()}-D {t.dtype}")
-
-
-def exact_div(t: torch.Tensor, c: float) -> torch.Tensor:
-    """t / c rounded as IEEE division on every device.
-
-    CUDA torch divides by a Python number as a multiplication by its reciprocal, one ulp off at times;
-    with per-token fp8 scales that flipped roundings and moved outputs by ~1% of their maximum on an
-    H100 (docs/kernels.md). A 0-d tensor on t's device takes the true division."""
-    return t / torch.tensor(c, dtype=t.dtype, device=t.device)

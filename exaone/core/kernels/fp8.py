@@ -10,21 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exaone.core import qmath
 from exaone.core.errors import ExaoneError
-from exaone.core.kernels.backend import check_weight, choose, exact_div, flatten
+from exaone.core.kernels.backend import check_weight, choose, flatten
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, scale: torch.Tensor | None = None):
     """x [M, K] -> (e4m3 [M, K], float32 scale: the given per-tensor one, or per token [M, 1])."""
-    xf = x.float()
-    if scale is None:
-        scale = (exact_div(xf.abs().amax(dim=-1, keepdim=True), FP8_MAX)).clamp(min=1e-12)
-    else:
-        scale = scale.float()
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    scale = qmath.token_scale(x, qmath.E4M3_MAX) if scale is None else scale.float()
+    return qmath.quantize_fp8(x, scale), scale
 
 
 def pack_fp8(
@@ -77,7 +73,7 @@ def fp8_linear(
 ) -> torch.Tensor:
     """y = dq(q(x)) @ dq(W).T + bias, in x's dtype."""
     x2, lead = flatten(x)
-    xq, x_scale = quantize_fp8(x2, input_scale)
+    xq, x_scale = quantize_activations(x2, input_scale)
     n, k = weight.shape
     if (
         choose(x, backend, cpu_ok=True) == "reference" or k % 16 or n % 16

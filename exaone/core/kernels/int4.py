@@ -11,18 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exaone.core import qmath
 from exaone.core.errors import ExaoneError
 from exaone.core.kernels.backend import check_weight, choose, flatten
 
 PACK_K = 128
-
-
-def unpack_int4_modelopt(weight: torch.Tensor) -> torch.Tensor:
-    """Model Optimizer's uint8 [N/2, K] -> int8 [N, K] in [-8, 7]."""
-    lo = (weight & 0xF).to(torch.int8)
-    hi = (weight >> 4).to(torch.int8)
-    both = torch.stack([lo, hi], dim=1).reshape(-1, weight.shape[1])
-    return torch.where(both > 7, both - 16, both)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -53,7 +46,7 @@ def pack_int4(
     if weight_scale.shape[0] != n or k % weight_scale.shape[1]:
         raise ExaoneError(f"weight_scale: shape {tuple(weight_scale.shape)} does not fit a [{n}, {k}] weight")
     out = {
-        "qweight": pack_nibbles(unpack_int4_modelopt(weight)),
+        "qweight": pack_nibbles(qmath.unpack_int4_rows(weight)),
         "scales": weight_scale.float().t().contiguous(),
     }
     if pre_quant_scale is not None:

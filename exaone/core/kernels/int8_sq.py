@@ -11,18 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exaone.core import qmath
 from exaone.core.errors import ExaoneError
-from exaone.core.kernels.backend import check_weight, choose, exact_div, flatten
+from exaone.core.kernels.backend import check_weight, choose, flatten
 
 
-def quantize_int8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, scale: torch.Tensor | None = None):
     """x [M, K] -> (int8 [M, K], float32 scale: the given per-tensor one, or per token [M, 1])."""
-    xf = x.float()
-    if scale is None:
-        scale = exact_div(xf.abs().amax(dim=-1, keepdim=True), 127.0).clamp(min=1e-12)
-    else:
-        scale = scale.float()
-    return (xf / scale).round().clamp(-128, 127).to(torch.int8), scale
+    scale = qmath.token_scale(x, qmath.INT8_MAX) if scale is None else scale.float()
+    return qmath.quantize_int8(x, scale), scale
 
 
 def pack_int8_sq(
@@ -68,7 +65,7 @@ def int8_sq_linear(
     x2, lead = flatten(x)
     if pre_quant_scale is not None:
         x2 = x2 * pre_quant_scale.to(x.dtype)
-    xq, x_scale = quantize_int8(x2, input_scale)
+    xq, x_scale = quantize_activations(x2, input_scale)
     n, k = weight.shape
     if choose(x, backend, cpu_ok=True) == "reference" or k % 8 or n % 8:  # _int_mm needs K, N multiples of 8
         acc = (xq.double() @ weight.double().t()).float()  # exact: int8 products summed in float64

@@ -15,38 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from exaone.core import qmath
 from exaone.core.errors import ExaoneError
 from exaone.core.kernels.backend import check_weight, choose, flatten
 from exaone.core.kernels.int4 import pack_nibbles, unpack_nibbles
 
-BLOCK = 16
-E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
-
-
-def _round_e2m1(a: torch.Tensor) -> torch.Tensor:
-    """|x| / scale -> nearest e2m1 magnitude, ties to even (Model Optimizer's decision boundaries)."""
-    out = torch.full_like(a, 6.0)
-    for bound, value, inclusive in reversed(
-        [(0.25, 0.0, True), (0.75, 0.5, False), (1.25, 1.0, True), (1.75, 1.5, False),
-         (2.5, 2.0, True), (3.5, 3.0, False), (5.0, 4.0, True)]
-    ):  # fmt: skip
-        out = torch.where(a <= bound if inclusive else a < bound, value, out)
-    return out
-
-
-def fake_quant_nvfp4(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """Activations [..., K] -> the NVFP4 values they quantize to, in x's dtype."""
-    k = x.shape[-1]
-    if k % BLOCK:
-        raise ExaoneError(f"nvfp4 activations: in_features {k} is not a multiple of {BLOCK}")
-    xf = x.float().reshape(*x.shape[:-1], k // BLOCK, BLOCK)
-    gs = input_scale.float().to(x.device)
-    gs = torch.where(gs > 0, gs, torch.full_like(gs, 1e-12))
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = (amax / (6.0 * gs)).clamp(max=448.0).to(torch.float8_e4m3fn).float() * gs
-    scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
-    q = _round_e2m1(xf.abs() / scale) * scale
-    return torch.where(xf >= 0, q, -q).reshape(x.shape).to(x.dtype)
+BLOCK = qmath.NVFP4_BLOCK
 
 
 def pack_nvfp4(
@@ -79,7 +53,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Kernel layout -> dense [N, K] weight in ``dtype``."""
     codes = unpack_nibbles(qweight).long()
-    vals = E2M1_VALUES.to(qweight.device)[codes]
+    vals = qmath.E2M1_VALUES.to(qweight.device)[codes]
     block_scale = scales.t().float().repeat_interleave(BLOCK, dim=1)
     return (vals * block_scale * weight_scale_2.float()).to(dtype)
 
@@ -96,7 +70,7 @@ def nvfp4_linear(
 ) -> torch.Tensor:
     """y = fq(x) @ dequant(W).T + bias (fq: NVFP4 fake quant, skipped with no input_scale: W4A16)."""
     if choose(x, backend) == "reference":
-        xq = fake_quant_nvfp4(x, input_scale) if input_scale is not None else x
+        xq = qmath.fake_quant_nvfp4(x, input_scale) if input_scale is not None else x
         return F.linear(xq, dequantize(qweight, scales, weight_scale_2, x.dtype), bias)
     from exaone.core.kernels.dequant_gemm import NVFP4, dequant_gemm
     from exaone.core.kernels.nvfp4_act import fake_quant_nvfp4_triton

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from exaone.core import qmath
 from exaone.core.kernels.backend import check_weight
-from exaone.core.kernels.fp8 import FP8, FP8_MAX, fp8_linear
-from exaone.core.kernels.int4 import unpack_int4_modelopt
+from exaone.core.kernels.fp8 import fp8_linear
 
 
 def pack_w4a8(
@@ -32,12 +32,10 @@ def pack_w4a8(
 ) -> dict[str, torch.Tensor]:
     """Model Optimizer's W4A8 tensors -> fp8 weights for ``w4a8_linear`` (``dtype``: the model's)."""
     check_weight("weight", weight, torch.uint8, 2)
-    q = unpack_int4_modelopt(weight).float()
-    group = q.shape[1] // weight_scale.shape[1]
-    w = (q * weight_scale.float().repeat_interleave(group, dim=1)).to(dtype)
+    w = qmath.dequantize_int4(weight, weight_scale).to(dtype)  # modelopt's int4 step yields the model dtype
     s2 = weight_scale_2.float().reshape(())
     out = {
-        "weight": (w.float() / s2).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(),
+        "weight": qmath.quantize_fp8(w, s2).contiguous(),
         "weight_scale": s2.reshape(1),
         "input_scale": input_scale.float().reshape(()),
     }

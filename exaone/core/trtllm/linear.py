@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from exaone.core import trtllm_names as tn
 from exaone.core.errors import ExaoneError
+from exaone.core.trtllm import names as tn
 
 TRT_SUFFIX = {
     "weight": "weight",

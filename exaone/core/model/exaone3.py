@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from exaone.core.config import ModelConfig
-from exaone.core.layers import Attention, CausalLM, GatedMLP, RMSNorm
+from exaone.core.model.layers import Attention, CausalLM, GatedMLP, RMSNorm
 
 # Checkpoint name prefix <-> module name prefix (= transformers' LlamaForCausalLM names); {} is the layer.
 _PREFIXES = [

@@ -281,5 +281,5 @@ def json_schema() -> dict:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
-if __name__ == "__main__":  # python -m exaone.core.manifest > docs/manifest.schema.json
+if __name__ == "__main__":  # python -m exaone.core.io.manifest > docs/manifest.schema.json
     print(json.dumps(json_schema(), indent=2))

@@ -16,7 +16,7 @@ from torch import nn
 
 from exaone.core.config import ModelConfig
 from exaone.core.errors import ExaoneError
-from exaone.core.layers import Attention, CausalLM, GatedMLP, RMSNorm
+from exaone.core.model.layers import Attention, CausalLM, GatedMLP, RMSNorm
 
 # Checkpoints keep the router bias beside the router (`mlp.e_score_correction_bias`).
 RENAME = [(r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias")]

@@ -19,6 +19,11 @@ from safetensors import safe_open
 from exaone.core.errors import ExaoneError
 
 INDEX = "model.safetensors.index.json"
+# Files a model directory carries beside config.json and the weights, which every stage copies along.
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json",
+)  # fmt: skip
 SINGLE = "model.safetensors"
 MAX_HEADER = 256 * 1024 * 1024
 
@@ -28,12 +33,23 @@ ITEMSIZE = {
 }  # fmt: skip
 
 
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     file: Path
     dtype: str
     shape: tuple[int, ...]
+
+    def meta(self) -> torch.Tensor:
+        """A meta tensor of this dtype and shape (dtypes torch lacks read as uint8)."""
+        return torch.empty(self.shape, dtype=TORCH_DTYPES.get(self.dtype, torch.uint8), device="meta")
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from exaone.core.config import ModelConfig
-from exaone.core.layers import Attention, CausalLM, GatedMLP, RMSNorm
+from exaone.core.model.layers import Attention, CausalLM, GatedMLP, RMSNorm
 
 RENAME: list[tuple[str, str]] = []  # checkpoint names are already the module names
 RENAME_BACK: list[tuple[str, str]] = []

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from exaone.core.model import load_model, resolve_device
+from exaone.core.loader import load_model, resolve_device
 
 
 def calibrate(src, dataset: str, size: int, seq: int, seed: int, say) -> tuple[dict[int, torch.Tensor], int]:
     """{layer: scale [1] float32}, and the number of tokens seen."""
-    from exaone.core.tokenizer import load_tokenizer
-    from exaone.quant import calib
+    from exaone.core.io import calibration as calib
+    from exaone.core.io.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(src)
     rows = calib.calibration_batches(

@@ -31,7 +31,7 @@ XSUM_WRAPPER = re.compile(r"^###\nArticle: (.*)\n\nSummarize the above article i
 def shared_data_dir() -> Path:
     """$EXAONE_SHARED_DATA, else `shared/data` beside the repository checkout."""
     env = os.environ.get("EXAONE_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def load_texts(dataset: str, limit: int, seed: int) -> list[str]:

@@ -1,23 +1,27 @@
-"""A transformers model holding an EXAONE checkpoint's weights, for Model Optimizer to calibrate and export.
+"""The transformers copy of an EXAONE checkpoint: transformers' own classes holding its weights.
 
-Model Optimizer's HF exporter needs a transformers module tree and `config.architectures`. EXAONE-3
-has no transformers class, so it becomes a `LlamaForCausalLM` (the same computation); EXAONE-4 and
-K-EXAONE use transformers' own classes. `names_back` maps the exported tensor names back to the
-checkpoint's own, so the quantized directory keeps the EXAONE layout.
+It is the reference no one here wrote (`summarize --test_hf` compares against it) and the module tree
+Model Optimizer calibrates and exports (`exaone quantize`: its HF exporter needs a transformers model
+and `config.architectures`). EXAONE-3 has no transformers class (its own needs remote code, which we
+never run), so it becomes `LlamaForCausalLM`, the same computation under other names; EXAONE-4.0 and
+K-EXAONE use transformers' `Exaone4ForCausalLM` / `ExaoneMoeForCausalLM`. `name_back` maps exported
+tensor names back to the checkpoint's own, so a quantized directory keeps the EXAONE layout.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from exaone.core import checkpoint
-from exaone.core.config import ModelConfig
+from exaone.core.config import ModelConfig, load_config
 from exaone.core.errors import ExaoneError
-from exaone.core.model import family_module, rename
+from exaone.core.loader import open_checkpoint, read_state
+from exaone.core.trtllm.names import is_trtllm_checkpoint
 
 # Checkpoint tensors transformers' classes do not hold; they are written back untouched.
 PASSTHROUGH = re.compile(r"^mtp\.")
@@ -40,7 +44,7 @@ class HFModel:
         return name
 
 
-def _transformers_config(cfg: ModelConfig, dtype: torch.dtype):
+def _transformers_config(cfg: ModelConfig, dtype: torch.dtype, use_cache: bool):
     common = cfg.transformers_kwargs()
     if cfg.family == "exaone3":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -74,30 +78,28 @@ def _transformers_config(cfg: ModelConfig, dtype: torch.dtype):
         )
         cls = ExaoneMoeForCausalLM
     tcfg.architectures = [cls.__name__]
-    tcfg.use_cache = False  # calibration needs no cache (and EXAONE-4's cache setup is what broke it)
+    tcfg.use_cache = use_cache  # calibration needs no cache (and EXAONE-4's cache setup is what broke it)
     tcfg.dtype = dtype
     return tcfg, cls
 
 
-def build(model_dir, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> HFModel:
+def build(
+    model_dir, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, use_cache: bool = False
+) -> HFModel:
     """The transformers model of cfg's family with the checkpoint's weights, in eval mode on device."""
-    tcfg, cls = _transformers_config(cfg, dtype)
-    fam = family_module(cfg)
+    tcfg, cls = _transformers_config(cfg, dtype, use_cache)
     with torch.device("meta"):
         model = cls(tcfg)
-    state: dict[str, torch.Tensor] = {}
-    prefix_back: dict[str, str] = {}
-    passthrough: dict[str, torch.Tensor] = {}
-    infos = checkpoint.scan(model_dir)
-    for name, tensor in checkpoint.iter_tensors(infos):
+    ck = open_checkpoint(model_dir)
+    # Module names are transformers' names; fused experts stay fused (transformers stores them so).
+    named = read_state(ck, dtype, fp32=[r"e_score_correction_bias$"], prepare=False)
+    back = {target: where.split(":", 1)[1] for target, where in ck.origin.items()}
+    state, prefix_back, passthrough = {}, {}, {}
+    for target, tensor in named.items():
+        name = back.get(target, target)
         if PASSTHROUGH.search(name):
             passthrough[name] = tensor
             continue
-        target = rename(name, fam.RENAME)
-        if name.endswith("e_score_correction_bias"):
-            tensor = tensor.float()
-        elif tensor.is_floating_point():
-            tensor = tensor.to(dtype)
         state[target] = tensor
         if target != name:
             prefix_back[target] = name
@@ -105,8 +107,6 @@ def build(model_dir, cfg: ModelConfig, dtype: torch.dtype, device: torch.device)
                 prefix_back[target.removesuffix(".weight")] = name.removesuffix(".weight")
     if cfg.family == "exaone_moe":
         _fuse_experts(state, cfg)
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     expected = set(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
@@ -119,6 +119,33 @@ def build(model_dir, cfg: ModelConfig, dtype: torch.dtype, device: torch.device)
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return HFModel(model.to(device).eval(), prefix_back, passthrough)
+
+
+def check_plain_checkpoint(model_dir: Path):
+    """The reference reads unquantized HF checkpoints only (what summarize.py's --hf_model_dir is)."""
+    config = model_dir / "config.json"
+    raw = json.loads(config.read_text()) if config.is_file() else {}
+    if (model_dir / "hf_quant_config.json").is_file() or raw.get("quantization_config"):
+        raise ExaoneError(
+            f"--test_hf: {model_dir} is a quantized checkpoint; the Hugging Face reference needs the "
+            "original one: pass --hf_model_dir"
+        )
+    if (model_dir / "rank0.safetensors").is_file() or is_trtllm_checkpoint(model_dir):
+        raise ExaoneError(
+            f"--test_hf: {model_dir} is a TensorRT-LLM checkpoint; "
+            "pass the Hugging Face one with --hf_model_dir"
+        )
+
+
+def load_reference(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """transformers' causal LM (eval mode, with its KV cache) computing what our model for model_dir does."""
+    model_dir = Path(model_dir)
+    check_plain_checkpoint(model_dir)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()  # "Loading weights" bars are noise beside our own progress
+    return build(model_dir, load_config(model_dir), dtype, device, use_cache=True).model
 
 
 def _fuse_experts(state: dict[str, torch.Tensor], cfg: ModelConfig):

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from exaone.core import manifest as mf
 from exaone.core.errors import ExaoneError
-from exaone.core.verify import Report, check_no_lfs_pointers, verify_checkpoint
+from exaone.core.io import manifest as mf
+from exaone.core.io.verify import Report, check_no_lfs_pointers, verify_checkpoint
 
 HUB_TIMEOUT = 5.0  # seconds per hub request before we call the hub unreachable (offline: < 10 s)
 DEFAULT_ROOT = Path("hf_models")
@@ -38,7 +38,7 @@ GIT_URL = re.compile(r"^(https?|ssh|git|file)://|^[\w.-]+@[\w.-]+:")
 class Release:
     repo: str
     family: str
-    params_b: float  # billions, from the bf16 checkpoint sizes (DESIGN.md)
+    params_b: float  # billions, from the bf16 checkpoint sizes (bytes / 2)
     format: str = "base"  # base (bf16/fp32 safetensors) | awq | gptq | fp8 (pre-quantized) | gguf
 
     @property

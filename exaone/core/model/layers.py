@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exaone.core.config import ModelConfig
-from exaone.core.kv_cache import KVCache
+from exaone.core.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):

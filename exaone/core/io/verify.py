@@ -10,12 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from exaone.core import checkpoint
+from exaone.core import model as models
 from exaone.core.config import ModelConfig, load_config
 from exaone.core.errors import ExaoneError
-from exaone.core.model import IGNORED, family_module, rename
+from exaone.core.io import checkpoint
 
 # Either file set is a complete byte-level BPE tokenizer.
 TOKENIZER_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -30,34 +28,13 @@ class Report:
     quantization: dict | None  # config.json's quantization_config, when pre-quantized
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Module name -> shape of every tensor a checkpoint must provide for this config."""
-    with torch.device("meta"):
-        model = family_module(cfg).Model(cfg)
-    expected = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    expected.pop("inv_freq", None)  # computed from the config, never stored
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    return expected
-
-
 def checkpoint_tensors(
     infos: dict[str, checkpoint.TensorInfo], cfg: ModelConfig, prepare: bool = True
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """The checkpoint's tensors under module names (renamed, and re-laid out by the family's
     prepare_state_dict on meta tensors, e.g. fused experts split), with where each came from."""
-    fam = family_module(cfg)
-    state, origin = {}, {}
-    for name, info in infos.items():
-        if IGNORED.search(name):
-            continue
-        target = rename(name, fam.RENAME)
-        if target == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        state[target] = torch.empty(info.shape, device="meta")
-        origin[target] = f"{info.file.name}:{name}"
-    if prepare and hasattr(fam, "prepare_state_dict"):
-        state = fam.prepare_state_dict(state, cfg)
+    names = {n: f"{info.file.name}:{n}" for n, info in infos.items()}
+    state, origin = models.module_state({n: i.meta() for n, i in infos.items()}, cfg, names, prepare)
     return {n: tuple(t.shape) for n, t in state.items()}, origin
 
 
@@ -71,7 +48,7 @@ def check_tensors(model_dir: str | Path, cfg: ModelConfig | None = None) -> tupl
     cfg = cfg or load_config(model_dir)
     infos = checkpoint.scan(model_dir)
     quant = cfg.raw.get("quantization_config")
-    expected = expected_tensors(cfg)
+    expected = models.expected_tensors(cfg)
     found, origin = checkpoint_tensors(infos, cfg, prepare=quant is None)
     if quant is not None:
         _check_modules(model_dir, cfg, expected, found, origin)

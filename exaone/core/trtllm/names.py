@@ -30,6 +30,9 @@ Extensions for the families TensorRT-LLM only runs in its PyTorch flow (docs/con
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 NORMS = {  # module name suffix -> TensorRT-LLM name suffix (never split)
@@ -39,11 +42,23 @@ NORMS = {  # module name suffix -> TensorRT-LLM name suffix (never split)
     "self_attn.q_norm.weight": "attention.q_layernorm.weight",
     "self_attn.k_norm.weight": "attention.k_layernorm.weight",
 }
-DENSE_MLP = {  # module name -> (TensorRT-LLM name, split dim)
-    "mlp.gate_proj": ("mlp.fc", 0),
-    "mlp.up_proj": ("mlp.gate", 0),
-    "mlp.down_proj": ("mlp.proj", 1),
-}
+# TensorRT-LLM linear <- (our source linears, fused in this order; column-parallel; kv-duplicated parts)
+ATTENTION = [
+    ("attention.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True, (1, 2)),
+    ("attention.dense", ("self_attn.o_proj",), False, ()),
+]
+DENSE_MLP = [
+    ("mlp.fc", ("mlp.gate_proj",), True, ()),
+    ("mlp.gate", ("mlp.up_proj",), True, ()),
+    ("mlp.proj", ("mlp.down_proj",), False, ()),
+]
+SHARED_EXPERT = [  # deepseek_v2/convert.py: fc = cat(up, gate), each split first
+    ("mlp.shared_expert.fc", ("mlp.shared_experts.up_proj", "mlp.shared_experts.gate_proj"), True, ()),
+    ("mlp.shared_expert.proj", ("mlp.shared_experts.down_proj",), False, ()),
+]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WEIGHT_ONLY_ALGO = {"int8": "W8A16", "int4": "W4A16"}  # --weight_only_precision -> quant_algo
+ALGO_BITS = {"W8A16": 8, "W4A16": 4}
 ARCHITECTURES = {  # family -> TensorRT-LLM architecture written to config.json
     # architectures[0] of the HF config, which TensorRT-LLM's MODEL_MAP sends to LLaMAForCausalLM
     # (tensorrt_llm/models/__init__.py; llama/config.py from_hugging_face).
@@ -88,3 +103,27 @@ def pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """convert.py pads lm_head to pad_vocab_size(vocab, tp) rows with zeros."""
     extra = -t.shape[0] % multiple
     return torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+def is_trtllm_checkpoint(directory: str | Path) -> bool:
+    """A directory whose config.json is a TensorRT-LLM PretrainedConfig (not a Hugging Face config)."""
+    d = Path(directory)
+    try:
+        raw = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and "architecture" in raw and "mapping" in raw and "model_type" not in raw
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (a tied lm_head, one scale read back into q, k and
+    v): copy every tensor whose bytes overlap an earlier one's."""
+    out = {name: t.contiguous() for name, t in tensors.items()}
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), n) for n, t in out.items())
+    reach = -1
+    for begin, end, name in spans:
+        if begin < reach and end > begin:
+            out[name] = out[name].clone()
+        else:
+            reach = max(reach, end)
+    return out

@@ -1,4 +1,7 @@
-"""Reference math for every quantized weight format exaone reads: pure torch, any device.
+"""The quantization math of every format exaone reads, and of the KV cache: pure torch, any device.
+
+The one place rounding, clamping, packing and scales are computed; the kernels' reference paths,
+the reference `QuantLinear`, `exaone convert` and the engine's KV cache all call it.
 
 The layouts are NVIDIA Model Optimizer's Hugging Face export (checked against modelopt 0.47's
 `export_hf_checkpoint` output and its `quant_utils.to_quantized_weight` / `NVFP4QTensor`), plus
@@ -25,26 +28,7 @@ from __future__ import annotations
 
 import torch
 
-FORMATS = ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "int8_wo", "int4_wo")
-# Model Optimizer's hf_quant_config "quant_algo" for each of our formats (int4_wo exports as AWQ
-# without the pre_quant_scale), and back.
-QUANT_ALGO = {
-    "fp8": "FP8",
-    "int8_sq": "W8A8_SQ_PER_CHANNEL",
-    "int4_awq": "W4A16_AWQ",
-    "w4a8_awq": "W4A8_AWQ",
-    "nvfp4": "NVFP4",
-    "int8_wo": "W8A16",
-    "int4_wo": "W4A16_AWQ",
-}
-FORMAT_OF_ALGO = {
-    "FP8": "fp8",
-    "W8A8_SQ_PER_CHANNEL": "int8_sq",
-    "W4A16_AWQ": "int4_awq",
-    "W4A8_AWQ": "w4a8_awq",
-    "NVFP4": "nvfp4",
-    "W8A16": "int8_wo",
-}
+from exaone.core.errors import ExaoneError, OptionError
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
@@ -59,44 +43,65 @@ _E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
-# --- FP8 (per-tensor e4m3) -------------------------------------------------------------------
+def exact_div(t: torch.Tensor, c: float) -> torch.Tensor:
+    """t / c rounded as IEEE division on every device.
+
+    CUDA torch divides by a Python number as a multiplication by its reciprocal, one ulp off at times;
+    with per-token fp8 scales that flipped roundings and moved outputs by ~1% of their maximum on an
+    H100 (docs/kernels.md). A 0-d tensor on t's device takes the true division."""
+    return t / torch.tensor(c, dtype=t.dtype, device=t.device)
 
 
-def quantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """weight / scale cast to float8_e4m3fn (saturating at +-448, as modelopt's amax makes it)."""
-    return (weight.float() / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+def token_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Dynamic per-row (per-token) absmax scale [M, 1] for activations x [M, K]."""
+    return exact_div(x.float().abs().amax(dim=-1, keepdim=True), qmax).clamp(min=1e-12)
+
+
+def _per_row(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scale that broadcasts against x: a 1-D [rows] scale of a 2-D x applies per row."""
+    scale = scale.float()
+    if scale.dim() == 1 and x.dim() == 2 and scale.numel() == x.shape[0] and scale.numel() > 1:
+        return scale[:, None]
+    return scale
+
+
+# --- FP8 (e4m3; per-tensor, per-channel or per-token scales) -----------------------------------
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale cast to float8_e4m3fn, saturating at +-448 (as modelopt's amax makes it); a 1-D
+    scale of a 2-D x is per row."""
+    return (x.float() / _per_row(scale, x)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn [..., in] times a scalar (or per-row [out]) scale -> float32."""
-    scale = scale.float()
-    if scale.dim() == 1 and weight.dim() == 2 and scale.numel() == weight.shape[0]:
-        scale = scale[:, None]
-    return weight.float() * scale
+    return weight.float() * _per_row(scale, weight)
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Round-trip activations through e4m3 with a static per-tensor scale (FP8 / W4A8 / KV cache)."""
     s = scale.float()
-    return ((x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+    return (quantize_fp8(x, s).float() * s).to(x.dtype)
 
 
-# --- INT8 (per-output-channel symmetric) --------------------------------------------------------
+# --- INT8 (symmetric; per-output-channel weights, per-tensor or per-token activations) ----------
 
 
-def quantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """round(weight / scale[out]) clamped to [-128, 127] -> int8 (modelopt's INT8 SQ / W8A16)."""
-    return (weight.float() / scale.float()[:, None]).round().clamp(-128, 127).to(torch.int8)
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(x / scale) clamped to [-128, 127] -> int8 (modelopt's INT8 SQ / W8A16); a 1-D scale of
+    a 2-D x is per row (the weight's [out] channels)."""
+    return (x.float() / _per_row(scale, x)).round().clamp(-128, 127).to(torch.int8)
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return weight.float() * scale.float()[:, None]
+    return weight.float() * _per_row(scale, weight)
 
 
 def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Round-trip activations through int8 with a static per-tensor scale (amax / 127)."""
     s = scale.float()
-    return ((x.float() / s).round().clamp(-128, 127) * s).to(x.dtype)
+    return (quantize_int8(x, s).float() * s).to(x.dtype)
 
 
 # --- INT4 blockwise (modelopt AWQ / W4A8 / INT4 weight-only) -------------------------------------
@@ -108,7 +113,7 @@ def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
     Two consecutive output rows share a byte: row 2i in the low nibble, row 2i+1 in the high one,
     each as a two's-complement nibble (modelopt's `pack_int4_in_uint8`)."""
     if q.shape[-2] % 2:
-        raise ValueError(f"int4 packing needs an even number of output rows, got {q.shape[-2]}")
+        raise ExaoneError(f"int4 packing needs an even number of output rows, got {q.shape[-2]}")
     q = q.to(torch.int8)
     lo, hi = q[..., 0::2, :] & 0x0F, q[..., 1::2, :] & 0x0F
     return (lo | (hi << 4)).to(torch.uint8)
@@ -153,7 +158,7 @@ def dequantize_w4a8(
 
 def check_block(in_features: int, block_size: int):
     if block_size <= 0 or in_features % block_size:
-        raise ValueError(f"in_features {in_features} is not divisible by the block size {block_size}")
+        raise ExaoneError(f"in_features {in_features} is not divisible by the block size {block_size}")
 
 
 # --- NVFP4 (e2m1 values, e4m3 scale per 16, f32 global scale) ------------------------------------
@@ -213,18 +218,33 @@ def dequantize_nvfp4(
     return values * s
 
 
-def fake_quant_nvfp4(x: torch.Tensor, scale_2: torch.Tensor, block: int = NVFP4_BLOCK) -> torch.Tensor:
-    """Activations through NVFP4: dynamic e4m3 scale per 16 values, static global scale (input_scale)."""
-    shape, dtype = x.shape, x.dtype
-    x = x.float()
-    if shape[-1] % block:
-        raise ValueError(f"nvfp4 activations need a last dimension divisible by {block}, got {shape[-1]}")
-    scale = nvfp4_block_scale(x, scale_2, block)
-    return (
-        dequantize_nvfp4(quantize_nvfp4(x, scale, scale_2, block), scale, scale_2, block)
-        .to(dtype)
-        .view(shape)
-    )
+def _round_e2m1(a: torch.Tensor) -> torch.Tensor:
+    """|x| / scale -> nearest e2m1 magnitude, ties to even (Model Optimizer's decision boundaries)."""
+    out = torch.full_like(a, E2M1_MAX)
+    for bound, value, inclusive in reversed(
+        [(0.25, 0.0, True), (0.75, 0.5, False), (1.25, 1.0, True), (1.75, 1.5, False),
+         (2.5, 2.0, True), (3.5, 3.0, False), (5.0, 4.0, True)]
+    ):  # fmt: skip
+        out = torch.where(a <= bound if inclusive else a < bound, value, out)
+    return out
+
+
+def fake_quant_nvfp4(x: torch.Tensor, input_scale: torch.Tensor, block: int = NVFP4_BLOCK) -> torch.Tensor:
+    """Activations [..., K] -> the NVFP4 values they quantize to, in x's dtype, exactly as Model
+    Optimizer's Hopper calibration kernel (`fp4_fake_quant_block`) computes them: per block of 16,
+    scale = e4m3(min(amax / (6 * input_scale), 448)) * input_scale (blocks whose scale falls under 1e-5
+    use 1.0), values rounded to the nearest e2m1 magnitude, ties to even."""
+    k = x.shape[-1]
+    if k % block:
+        raise ExaoneError(f"nvfp4 activations: in_features {k} is not a multiple of {block}")
+    xf = x.float().reshape(*x.shape[:-1], k // block, block)
+    gs = input_scale.float().to(x.device)
+    gs = torch.where(gs > 0, gs, torch.full_like(gs, 1e-12))
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = (amax / (E2M1_MAX * gs)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float() * gs
+    scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
+    q = _round_e2m1(xf.abs() / scale) * scale
+    return torch.where(xf >= 0, q, -q).reshape(x.shape).to(x.dtype)
 
 
 # --- AutoAWQ GEMM layout (LG's pre-quantized AWQ checkpoints) ------------------------------------
@@ -256,3 +276,59 @@ def dequantize_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     group = q.shape[0] // scales.shape[0]
     w = (q - z.repeat_interleave(group, 0)) * scales.float().repeat_interleave(group, 0)
     return w.t().contiguous()
+
+
+# --- KV cache (fp8 e4m3 / int8) ------------------------------------------------------------------
+
+# The one list of KV-cache dtypes: --kv_cache_dtype value -> storage dtype.
+KV_CACHE_DTYPES = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp8": torch.float8_e4m3fn,
+    "int8": torch.int8,
+}
+KV_QMAX = {torch.float8_e4m3fn: E4M3_MAX, torch.int8: INT8_MAX}
+
+
+def kv_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in KV_CACHE_DTYPES:
+            raise OptionError("kv_cache_dtype", dtype, f"expected one of {', '.join(KV_CACHE_DTYPES)}")
+        return KV_CACHE_DTYPES[dtype]
+    return dtype
+
+
+def is_quantized_kv(dtype: torch.dtype) -> bool:
+    return dtype in KV_QMAX
+
+
+def kv_token_scale(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One absmax scale per stored vector: x [..., D] -> float32 [...] (no calibration needed)."""
+    return x.float().abs().amax(-1).clamp(min=1e-8) / KV_QMAX[dtype]
+
+
+def kv_scale_from_amax(amax: torch.Tensor, dtype: str | torch.dtype) -> torch.Tensor:
+    """A static per-tensor scale for a calibrated amax (TensorRT-LLM's int8 kv_cache_scaling_factor)."""
+    return amax.float() / KV_QMAX[kv_dtype(dtype)]
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float, dtype: str | torch.dtype) -> torch.Tensor:
+    """Keys or values -> fp8 e4m3 or int8, saturating at the format's range. `scale` is per tensor
+    (a checkpoint's k_scale / v_scale) or per vector (kv_token_scale, broadcast over the last dim)."""
+    dtype = kv_dtype(dtype)
+    if dtype not in KV_QMAX:
+        raise OptionError("kv_cache_dtype", str(dtype), "a quantized KV cache is fp8 or int8")
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)  # a tensor divisor (see exact_div)
+    if s.dim() and s.dim() == x.dim() - 1:
+        s = s[..., None]
+    y = (x.float() / s).clamp(-KV_QMAX[dtype], KV_QMAX[dtype])
+    return y.round().to(dtype) if dtype == torch.int8 else y.to(dtype)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """Stored fp8/int8 KV -> `dtype` (the attention's compute dtype)."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    if s.dim() and s.dim() == q.dim() - 1:
+        s = s[..., None]
+    return (q.float() * s).to(dtype)
