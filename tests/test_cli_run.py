@@ -120,6 +120,27 @@ def test_bad_flags_are_one_line_exit_2(model_dir, capsys, args, message):
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
 
 
+def test_library_errors_name_arguments_and_the_cli_names_flags(model_dir, capsys):
+    """A library OptionError names the library's argument (max_new_tokens); the CLI shows the flag."""
+    from exaone.cli.errors import message
+    from exaone.core import runner
+    from exaone.core.errors import OptionError
+    from exaone.core.generate import Sampling
+
+    with pytest.raises(OptionError, match=r"^max_new_tokens 0: expected at least 1$") as e:
+        Sampling(max_new_tokens=0).check()
+    assert (e.value.option, e.value.value) == ("max_new_tokens", 0)
+    assert message(e.value) == "--max_output_len 0: expected at least 1"
+
+    with pytest.raises(OptionError, match=r"^prompt of \d+ tokens \+ max_new_tokens 100000 exceeds") as e:
+        runner.run(model_dir, ["Hi"], Sampling(max_new_tokens=100000), device="cpu")
+    assert "--" not in str(e.value)
+    args = ["run", str(model_dir), "--input_text", "Hi", "--max_output_len", "100000", "--device", "cpu"]
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"error: {message(e.value)}" and "+ --max_output_len 100000 exceeds" in last
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [

@@ -30,7 +30,7 @@ from exaone.core.engine.store import (
     current_target,
     current_versions,
 )
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError
 from exaone.core.formats.linear import linear_kinds
 from exaone.core.io.checkpoint import SIDE_FILES
 from exaone.core.io.manifest import (
@@ -72,10 +72,10 @@ def _check(opts: BuildOptions):
         if getattr(opts, name) < 1:
             raise ExaoneError(f"--{name} {getattr(opts, name)}: expected at least 1")
     if opts.max_seq_len is not None and opts.max_seq_len < 2:
-        raise ExaoneError(f"--max_seq_len {opts.max_seq_len}: expected at least 2")
+        raise OptionError("max_seq_len", opts.max_seq_len, "expected at least 2")
     if opts.kv_cache_dtype not in KV_CACHE_DTYPES:
         allowed = ", ".join(KV_CACHE_DTYPES)
-        raise ExaoneError(f"--kv_cache_dtype {opts.kv_cache_dtype!r}: expected one of {allowed}")
+        raise OptionError("kv_cache_dtype", opts.kv_cache_dtype, f"expected one of {allowed}")
 
 
 def _source(src: Path) -> tuple[Manifest, str | None, int]:
@@ -112,8 +112,11 @@ def build(
     parent, parent_hash, ckpt_tp = _source(src)
     tp = opts.tp_size if opts.tp_size is not None else ckpt_tp
     if tp != 1 or ckpt_tp != 1:
-        raise ExaoneError(
-            f"--tp_size {tp}: not supported: engines are single-GPU for now (convert with --tp_size 1)"
+        raise OptionError(
+            "tp_size",
+            tp,
+            "engines are single-GPU for now",
+            "{option} {value}: not supported: {problem} (convert with {option} 1)",
         )
     device = resolve_device(opts.device)
     started = now()
@@ -138,14 +141,16 @@ def build(
     dtype = resolve_dtype(opts.dtype, cfg, device)
     max_seq_len = opts.max_seq_len or cfg.max_position_embeddings
     if max_seq_len > cfg.max_position_embeddings:
-        raise ExaoneError(
-            f"--max_seq_len {max_seq_len}: more than the model's max_position_embeddings "
-            f"({cfg.max_position_embeddings})"
+        raise OptionError(
+            "max_seq_len",
+            max_seq_len,
+            f"more than the model's max_position_embeddings ({cfg.max_position_embeddings})",
         )
     if opts.max_input_len >= max_seq_len:
-        raise ExaoneError(
-            f"--max_input_len {opts.max_input_len}: must be below --max_seq_len {max_seq_len} "
-            "(room for at least one output token)"
+        raise OptionError(
+            "max_input_len",
+            opts.max_input_len,
+            f"must be below max_seq_len {max_seq_len} (room for at least one output token)",
         )
     kv = opts.kv_cache_dtype if opts.kv_cache_dtype != "auto" else SHORT[dtype]
     model = load_model(ck, dtype, "cpu")

@@ -11,7 +11,9 @@ from exaone.core.errors import ExaoneError, OptionError
 
 # Library option name -> the flag that sets it, where the two differ beyond the leading "--".
 FLAGS = {
-    "max_new_tokens": "--max_output_len",
+    "max_new_tokens": "--max_output_len",  # Sampling (run)
+    "chat": "--apply_chat_template",  # runner.run / tokenizer.encode (run)
+    "test_ours": "--test_engine",  # summarize Options
 }
 
 

@@ -34,6 +34,11 @@ class OptionError(ExaoneError):
         return self.template.format(option=name, value=shown, problem=self.problem)
 
 
+def literal(text) -> str:
+    """`text` as it reads, for an OptionError template (its braces escaped)."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 class FileError(ExaoneError):
     """A file whose content is not what is expected; `field` names the part, when there is one."""
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError
 from exaone.core.model.kv_cache import KVCache
 from exaone.core.model.layers import CausalLM
 
@@ -29,13 +29,13 @@ class Sampling:
 
     def check(self):
         if self.max_new_tokens < 1:
-            raise ExaoneError(f"--max_output_len {self.max_new_tokens}: expected at least 1")
+            raise OptionError("max_new_tokens", self.max_new_tokens, "expected at least 1")
         if self.temperature < 0:
-            raise ExaoneError(f"--temperature {self.temperature}: expected >= 0 (0 means greedy)")
+            raise OptionError("temperature", self.temperature, "expected >= 0 (0 means greedy)")
         if self.top_k < 0:
-            raise ExaoneError(f"--top_k {self.top_k}: expected >= 0 (0 means no limit)")
+            raise OptionError("top_k", self.top_k, "expected >= 0 (0 means no limit)")
         if not 0 <= self.top_p <= 1:
-            raise ExaoneError(f"--top_p {self.top_p}: expected a value in [0, 1] (0 or 1 = off)")
+            raise OptionError("top_p", self.top_p, "expected a value in [0, 1] (0 or 1 = off)")
 
     @property
     def greedy(self) -> bool:
@@ -87,9 +87,11 @@ def generate(
     longest = max(len(p) for p in prompts)
     limit = model.cfg.max_position_embeddings
     if longest + params.max_new_tokens > limit:
-        raise ExaoneError(
-            f"prompt of {longest} tokens + --max_output_len {params.max_new_tokens} exceeds the model's "
-            f"max_position_embeddings ({limit})"
+        raise OptionError(
+            "max_new_tokens",
+            params.max_new_tokens,
+            template=f"prompt of {longest} tokens + {{option}} {{value}} exceeds the model's "
+            f"max_position_embeddings ({limit})",
         )
     b = len(prompts)
     ids = torch.full((b, longest), pad_id, dtype=torch.long)

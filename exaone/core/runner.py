@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError
 from exaone.core.generate import Sampling, generate
 from exaone.core.io.tokenizer import encode, load_tokenizer, stop_ids
 from exaone.core.loader import load_model, resolve_device
@@ -49,7 +49,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line, or JSONL with a `prompt`/`input`/`text` field (or a JSON string) a line."""
     path = Path(path)
     if not path.is_file():
-        raise ExaoneError(f"--input_file {path}: no such file")
+        raise OptionError("input_file", path, "no such file")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return lines
@@ -115,9 +115,9 @@ def run(
     """Generate for every prompt; `on_text` streams the decoded text of a single prompt as it grows."""
     sampling.check()
     if batch_size < 1:
-        raise ExaoneError(f"--batch_size {batch_size}: expected at least 1")
+        raise OptionError("batch_size", batch_size, "expected at least 1")
     if not prompts:
-        raise ExaoneError("no prompts given (use --input_text or --input_file)")
+        raise OptionError("prompts", prompts, "no prompts given", "{problem}")
     loaded = load(model_dir, tokenizer_dir, device, dtype)
     model, tokenizer, stops, pad = loaded.model, loaded.tokenizer, loaded.stops, loaded.pad_id
     report = Report(str(model_dir), label, model.cfg.family, str(loaded.device), loaded.dtype, loaded.load_s)
@@ -167,7 +167,7 @@ def run_engine(
 
     sampling.check()
     if not prompts:
-        raise ExaoneError("no prompts given (use --input_text or --input_file)")
+        raise OptionError("prompts", prompts, "no prompts given", "{problem}")
     start = time.perf_counter()
     engine = load_engine(engine_dir, device, options)
     tokenizer = load_tokenizer(tokenizer_dir or engine_dir)

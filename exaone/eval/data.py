@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError, literal
 
 # Short names -> (hub repo, config, split). cnn_dailymail 3.0.0 test is summarize.py's data set
 # (it names the older script-based `ccdv/cnn_dailymail`; `abisee/cnn_dailymail` is the same data as
@@ -66,11 +66,10 @@ def load(spec: str | None, task: str, seed: int | None = 0, cache_dir: str | Non
         data = load_hub(repo, config, split, task, cache_dir)
     else:
         names = ", ".join(HUB)
-        raise ExaoneError(
-            f"--dataset {spec}: no such file or directory, and not a known data set ({names}) or hub repo id"
-        )
+        problem = f"no such file or directory, and not a known data set ({names}) or hub repo id"
+        raise OptionError("dataset", spec, problem, f"{{option}} {literal(spec)}: {{problem}}")
     if not data.samples:
-        raise ExaoneError(f"--dataset {spec}: no samples found")
+        raise OptionError("dataset", spec, "no samples found", f"{{option}} {literal(spec)}: {{problem}}")
     if seed is not None:
         data.samples = shuffled(data.samples, seed)
     return data
@@ -90,7 +89,7 @@ def load_local(path: Path, task: str) -> Dataset:
             return Dataset(str(path), "stories", [read_story(p) for p in stories])
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet"))
         if not files:
-            raise ExaoneError(f"--dataset {path}: directory holds no .story, .json, .jsonl or .parquet files")
+            raise OptionError("dataset", path, "directory holds no .story, .json, .jsonl or .parquet files")
         samples = [s for f in files for s in load_local(f, task).samples]
         return Dataset(str(path), files[0].suffix.lstrip("."), samples)
     suffix = path.suffix.lower()
@@ -103,9 +102,11 @@ def load_local(path: Path, task: str) -> Dataset:
     if task == "eval_context_ppl":  # plain text (e.g. WikiText-2 raw): one sample, windowed later
         text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
         return Dataset(str(path), "text", [Sample(path.name, text)])
-    raise ExaoneError(
-        f"--dataset {path}: unsupported file type {suffix or '(none)'} for summarize "
-        "(expected .json, .jsonl, .parquet, .story or a directory of .story files)"
+    raise OptionError(
+        "dataset",
+        path,
+        f"unsupported file type {suffix or '(none)'} for summarize "
+        "(expected .json, .jsonl, .parquet, .story or a directory of .story files)",
     )
 
 
@@ -207,9 +208,8 @@ def load_hub(repo: str, config: str | None, split: str, task: str, cache_dir: st
     try:
         import datasets
     except ImportError:
-        raise ExaoneError(
-            "--dataset: hub data sets need the `datasets` package (pip install datasets)"
-        ) from None
+        problem = "hub data sets need the `datasets` package (pip install datasets)"
+        raise OptionError("dataset", source, problem, "{option}: {problem}") from None
     offline = _offline_mode()
     if not offline:
         _probe_hub(repo, source)
@@ -217,12 +217,13 @@ def load_hub(repo: str, config: str | None, split: str, task: str, cache_dir: st
         ds = datasets.load_dataset(repo, config, split=split, cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExaoneError(f"--dataset {source}: cannot load ({first}){_LOCAL_HINT}") from None
+        template = f"{{option}} {literal(source)}: {{problem}}{_LOCAL_HINT}"
+        raise OptionError("dataset", source, f"cannot load ({first})", template) from None
     return Dataset(source, "hub", records_to_samples(list(ds), task, source))
 
 
-_LOCAL_HINT = (
-    "; use a local copy instead: --dataset path/to/test.parquet|.jsonl|.json, or a directory of .story files"
+_LOCAL_HINT = (  # the end of an OptionError template
+    "; use a local copy instead: {option} path/to/test.parquet|.jsonl|.json, or a directory of .story files"
 )
 
 
@@ -244,9 +245,13 @@ def _probe_hub(repo: str, source: str):
         from huggingface_hub.errors import RepositoryNotFoundError
 
         if isinstance(e, RepositoryNotFoundError):
-            raise ExaoneError(f"--dataset {repo}: no such data set on the Hugging Face Hub") from None
+            problem = "no such data set on the Hugging Face Hub"
+            raise OptionError("dataset", repo, problem, f"{{option}} {literal(repo)}: {{problem}}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExaoneError(
-            f"--dataset {source}: cannot reach the Hugging Face Hub ({type(e).__name__}: {first}); "
-            f"set HF_HUB_OFFLINE=1 to use a cached copy{_LOCAL_HINT}"
+        raise OptionError(
+            "dataset",
+            source,
+            f"cannot reach the Hugging Face Hub ({type(e).__name__}: {first}); "
+            "set HF_HUB_OFFLINE=1 to use a cached copy",
+            f"{{option}} {literal(source)}: {{problem}}{_LOCAL_HINT}",
         ) from None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError
 from exaone.core.generate import Sampling
 
 
@@ -87,9 +87,12 @@ class OurModel(Side):
         from exaone.core.generate import generate
 
         if params.num_beams > 1:
-            raise ExaoneError(
-                "--num_beams > 1: not supported for a model directory (exaone's reference runtime decodes "
-                "greedily or by sampling); use --engine_dir with an engine, or --test_hf alone"
+            raise OptionError(
+                "num_beams",
+                params.num_beams,
+                "not supported for a model directory (exaone's reference runtime decodes greedily or by "
+                "sampling); evaluate an engine (engine_dir), or the Hugging Face reference alone (test_hf)",
+                "{option} > 1: {problem}",
             )
         gens = generate(self.model, prompts, params.sampling, self.stops, self.pad_id)
         return [g.output_ids for g in gens]

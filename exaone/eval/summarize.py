@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import OptionError, literal
 from exaone.eval import data as data_mod
 from exaone.eval import ppl as ppl_mod
 from exaone.eval.report import build_report
@@ -58,28 +58,33 @@ class Options:
 
     def check(self):
         if self.eval_task not in TASKS:
-            raise ExaoneError(f"--eval_task {self.eval_task!r}: expected one of {', '.join(TASKS)}")
+            raise OptionError("eval_task", self.eval_task, f"expected one of {', '.join(TASKS)}")
         for name in ("max_ite", "batch_size", "output_len", "max_input_length"):
             if getattr(self, name) < 1:
-                raise ExaoneError(f"--{name} {getattr(self, name)}: expected at least 1")
+                raise OptionError(name, getattr(self, name), "expected at least 1")
         if self.min_input_length < 0:
-            raise ExaoneError(f"--min_input_length {self.min_input_length}: expected >= 0")
+            raise OptionError("min_input_length", self.min_input_length, "expected >= 0")
         if self.gen.num_beams < 1:
-            raise ExaoneError(f"--num_beams {self.gen.num_beams}: expected at least 1")
+            raise OptionError("num_beams", self.gen.num_beams, "expected at least 1")
         if self.gen.num_beams > 1 and not self.gen.greedy:
-            raise ExaoneError("--num_beams > 1 is beam search: leave --top_k at 1 (no sampling)")
+            template = "{option} > 1 is beam search: {problem}"
+            raise OptionError("num_beams", self.gen.num_beams, "leave top_k at 1 (no sampling)", template)
         self.gen.sampling.check()
         if self.gen.num_beams > 1 and self.test_ours and self.engine_dir is None:
-            raise ExaoneError(
-                "--num_beams > 1: not supported for a model directory (exaone's reference runtime decodes "
-                "greedily or by sampling); use --engine_dir with an engine, or --test_hf alone"
+            raise OptionError(
+                "num_beams",
+                self.gen.num_beams,
+                "not supported for a model directory (exaone's reference runtime decodes greedily or by "
+                "sampling); evaluate an engine (engine_dir), or the Hugging Face reference alone (test_hf)",
+                "{option} > 1: {problem}",
             )
         if not (self.test_ours or self.test_hf):
-            raise ExaoneError("nothing to evaluate: give --test_trt_llm/--test_engine and/or --test_hf")
+            template = "{problem}: set {option} and/or test_hf"
+            raise OptionError("test_ours", self.test_ours, "nothing to evaluate", template)
         for name in ("model_dir", "engine_dir", "hf_model_dir", "tokenizer_dir"):
             d = getattr(self, name)
             if d is not None and not Path(d).is_dir():
-                raise ExaoneError(f"--{name} {d}: not a directory")
+                raise OptionError(name, d, "not a directory")
 
 
 @dataclass
@@ -120,15 +125,15 @@ def evaluate(opts: Options, progress: Progress | None = None):
     ours_dir = opts.engine_dir or opts.model_dir
     hf_dir = opts.hf_model_dir or opts.model_dir
     if opts.test_hf and hf_dir is None:
-        raise ExaoneError("--test_hf needs a Hugging Face checkpoint: --model_dir or --hf_model_dir")
+        problem = "test_hf needs a Hugging Face checkpoint"
+        raise OptionError("hf_model_dir", None, problem, "{problem}: give {option} (or model_dir)")
     tok_dir = opts.tokenizer_dir or opts.model_dir or opts.hf_model_dir or opts.engine_dir
     dataset = data_mod.load(opts.dataset, opts.eval_task, opts.random_seed, opts.dataset_cache_dir)
     tokenizer = load_tokenizer(tok_dir)
     batches = make_batches(dataset, tokenizer, opts)
     if not batches:
-        raise ExaoneError(
-            f"--dataset {dataset.source}: no sample is longer than --min_input_length {opts.min_input_length}"
-        )
+        template = f"dataset {literal(dataset.source)}: no sample is longer than {{option}} {{value}}"
+        raise OptionError("min_input_length", opts.min_input_length, template=template)
     stops, pad_id = stop_and_pad(tokenizer, Path(hf_dir or ours_dir))
     gen = replace(opts.gen, max_new_tokens=opts.output_len)
     runs: dict[str, SideRun] = {}

@@ -109,39 +109,45 @@ def validate(cfg: ModelConfig, opts: QuantizeOptions, device: torch.device):
     if opts.qformat not in QUANTIZE_FORMATS:
         raise OptionError("qformat", opts.qformat, f"unknown (expected one of {', '.join(QUANTIZE_FORMATS)})")
     if opts.kv_cache_dtype not in KV_DTYPES:
-        raise ExaoneError(f"--kv_cache_dtype {opts.kv_cache_dtype!r}: expected one of {', '.join(KV_DTYPES)}")
+        raise OptionError("kv_cache_dtype", opts.kv_cache_dtype, f"expected one of {', '.join(KV_DTYPES)}")
     if opts.kv_cache_dtype == "int8":
-        raise ExaoneError(
-            "--kv_cache_dtype int8: not supported: Model Optimizer's HF export has no INT8 KV cache "
-            "(use fp8, or auto to keep the cache unquantized)"
+        raise OptionError(
+            "kv_cache_dtype",
+            opts.kv_cache_dtype,
+            "Model Optimizer's HF export has no INT8 KV cache "
+            "(use fp8, or auto to keep the cache unquantized)",
+            "{option} int8: not supported: {problem}",
         )
     if opts.export_format not in ("hf", "trtllm"):
-        raise ExaoneError(f"--export_format {opts.export_format!r}: expected hf or trtllm")
-    for flag, value in (("--calib_size", opts.calib_size), ("--calib_seq", opts.calib_seq)):
+        raise OptionError("export_format", opts.export_format, "expected hf or trtllm")
+    for option, value in (("calib_size", opts.calib_size), ("calib_seq", opts.calib_seq)):
         if value < 1:
-            raise ExaoneError(f"{flag} {value}: must be at least 1")
+            raise OptionError(option, value, "must be at least 1")
     if opts.batch_size < 1:
-        raise ExaoneError(f"--batch_size {opts.batch_size}: must be at least 1")
+        raise OptionError("batch_size", opts.batch_size, "must be at least 1")
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
-        raise ExaoneError(f"--dtype {opts.dtype!r}: expected auto, {', '.join(DTYPES)}")
+        raise OptionError("dtype", opts.dtype, f"expected auto, {', '.join(DTYPES)}")
     block = group_size(opts)
     if block is not None:
         if block < 1:
-            raise ExaoneError(f"--awq_block_size {block}: must be positive")
-        flag = "--awq_block_size" if opts.qformat != "nvfp4" else "nvfp4's block"
+            raise OptionError("awq_block_size", block, "must be positive")
         for kind, n in in_features(cfg).items():
             if n % block:
-                raise ExaoneError(
-                    f"{flag} {block} does not divide the in-features of {kind} ({n}); pick a divisor of {n}"
-                )
+                problem = f"does not divide the in-features of {kind} ({n}); pick a divisor of {n}"
+                if opts.qformat == "nvfp4":  # a fixed block, not an option
+                    raise ExaoneError(f"nvfp4's block {block} {problem}")
+                raise OptionError("awq_block_size", block, problem, "{option} {value} {problem}")
     if device.type == "cuda" and registry.get(opts.qformat).fp8_hardware:
         cap = torch.cuda.get_device_capability(device)
         if cap < FP8_GPU:
             name = torch.cuda.get_device_name(device)
-            raise ExaoneError(
-                f"--qformat {opts.qformat}: {name} (sm_{cap[0]}{cap[1]}) has no FP8 support; it needs "
-                "sm_89 or newer (Ada, Hopper, Blackwell). On this GPU use int8_sq, int4_awq, int8_wo or "
-                "int4_wo, or --device cpu"
+            raise OptionError(
+                "qformat",
+                opts.qformat,
+                f"{name} (sm_{cap[0]}{cap[1]}) has no FP8 support; it needs sm_89 or newer (Ada, Hopper, "
+                "Blackwell). On this GPU use int8_sq, int4_awq, int8_wo or int4_wo, or calibrate on the CPU "
+                "(device cpu)",
+                f"{{option}} {opts.qformat}: {{problem}}",
             )
 
 
@@ -237,9 +243,12 @@ def quantize(
 def _check_trtllm(opts: QuantizeOptions):
     """`exaone convert` (exaone/core/trtllm) must map this format onto TensorRT-LLM tensors."""
     if not registry.get(opts.qformat).trtllm:
-        raise ExaoneError(
-            f"--export_format trtllm: not supported yet for --qformat {opts.qformat} (TensorRT-LLM export "
-            f"covers {', '.join(sorted(set(MODELOPT_ALGOS.values())))}); use --export_format hf"
+        raise OptionError(
+            "qformat",
+            opts.qformat,
+            f"TensorRT-LLM export covers {', '.join(sorted(set(MODELOPT_ALGOS.values())))}",
+            f"export_format trtllm: not supported yet for {{option}} {opts.qformat} ({{problem}}); "
+            "use export_format hf",
         )
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError, literal
 from exaone.core.io import manifest as mf
 from exaone.core.io.verify import Report, check_no_lfs_pointers, verify_checkpoint
 
@@ -118,9 +118,11 @@ def download(
     include, exclude = sorted(include or []), sorted(exclude or [])
     kind, where = classify(source)
     if kind != "hub" and (include or exclude):
-        raise ExaoneError("--include/--exclude filter hub downloads only")
+        option = "include" if include else "exclude"
+        raise OptionError(option, include or exclude, template="{option} filters hub downloads only")
     if kind == "path" and revision:
-        raise ExaoneError("--revision applies to hub downloads and git clones, not to a local directory")
+        problem = "applies to hub downloads and git clones, not to a local directory"
+        raise OptionError("revision", revision, problem, "{option} {problem}")
     name = (
         Path(urlsplit(where).path.rstrip("/")).name.removesuffix(".git")
         if kind == "git"
@@ -133,8 +135,11 @@ def download(
     if not force and mf.is_up_to_date(final, None, arguments):
         return Result(final, where, skipped=True, manifest=mf.read_manifest(final))
     if final.exists() and not force and not (kind == "path" and _same(final, where)):
-        raise ExaoneError(
-            f"{final} exists and is not a verified download of {_safe(where)} (use --force to replace it)"
+        raise OptionError(
+            "force",
+            force,
+            f"{final} exists and is not a verified download of {_safe(where)}",
+            "{problem} (use {option} to replace it)",
         )
     if kind == "hub":
         return _from_hub(
@@ -164,9 +169,12 @@ def classify(source: str) -> tuple[str, str]:
         return "hub", release.repo
     if REPO_ID.match(source) and not source.startswith((".", "/")):
         return "hub", source
-    raise ExaoneError(
-        f"{source!r}: not a local directory, git URL, hub repo id (ORG/NAME) or known short name "
-        "(see `exaone download --list`)"
+    raise OptionError(
+        "source",
+        source,
+        "not a local directory, git URL, hub repo id (ORG/NAME) or known short name "
+        "(see `exaone download --list`)",
+        "{value}: {problem}",
     )
 
 
@@ -220,7 +228,8 @@ def _from_hub(repo_id, final, revision, include, exclude, token, force, say, pro
         filter_repo_objects(siblings, allow_patterns=include or None, ignore_patterns=exclude or None)
     )
     if not wanted:
-        raise ExaoneError(f"{repo_id}: no file matches --include {include} / --exclude {exclude}")
+        template = f"{literal(repo_id)}: no file matches {{option}} {{value}} / exclude {literal(exclude)}"
+        raise OptionError("include", include, template=template)
     sizes = {f: siblings[f].size or 0 for f in wanted}
     staging = final.with_name(f".{final.name}.partial")
     if force:
@@ -306,14 +315,19 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None, endpoint: str) 
     if isinstance(e, ExaoneError):
         return e
     if isinstance(e, GatedRepoError):
-        return ExaoneError(
-            f"{repo_id}: gated repository: accept its license at {endpoint}/{repo_id}, then pass --token "
-            "(or set HF_TOKEN, or run `hf auth login`)"
+        return OptionError(
+            "token",
+            None,
+            f"{repo_id}: gated repository: accept its license at {endpoint}/{repo_id}",
+            "{problem}, then pass {option} (or set HF_TOKEN, or run `hf auth login`)",
         )
     if isinstance(e, RepositoryNotFoundError):
-        return ExaoneError(
-            f"{repo_id}: repository not found at {endpoint} (check the name, see `exaone download --list`; "
-            "a private repository needs --token)"
+        return OptionError(
+            "source",
+            repo_id,
+            f"repository not found at {endpoint} (check the name, see `exaone download --list`; "
+            "a private repository needs a token)",
+            f"{literal(repo_id)}: {{problem}}",
         )
     if isinstance(e, RevisionNotFoundError):
         return ExaoneError(f"{repo_id}: revision {revision!r} not found")

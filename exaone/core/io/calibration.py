@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError, literal
 
 HUB_DATASETS = {  # name -> (load_dataset args, text field)
     "cnn_dailymail": (("cnn_dailymail", "3.0.0"), "article"),
@@ -35,20 +35,23 @@ def shared_data_dir() -> Path:
 
 
 def load_texts(dataset: str, limit: int, seed: int) -> list[str]:
-    """Texts of a calibration set named by `--calib_dataset`."""
+    """Texts of a calibration set named by `calib_dataset`."""
     if dataset == "shared":
         root = shared_data_dir()
         if not root.is_dir():
-            raise ExaoneError(f"--calib_dataset shared: {root} not found (set EXAONE_SHARED_DATA)")
+            problem = f"{root} not found (set EXAONE_SHARED_DATA)"
+            raise OptionError("calib_dataset", dataset, problem, "{option} shared: {problem}")
         return _from_path(root / "xsum") + _from_path(root / "cnn_dailymail_stories")
     path = Path(dataset).expanduser()
     if path.exists():
         return _from_path(path)
     if dataset in HUB_DATASETS:
         return _from_hub(dataset, limit, seed)
-    raise ExaoneError(
-        f"--calib_dataset {dataset!r}: no such file or directory, and not a known hub dataset "
-        f"(known: {', '.join(HUB_DATASETS)}, or 'shared' for the offline samples)"
+    raise OptionError(
+        "calib_dataset",
+        dataset,
+        "no such file or directory, and not a known hub dataset "
+        f"(known: {', '.join(HUB_DATASETS)}, or 'shared' for the offline samples)",
     )
 
 
@@ -57,11 +60,15 @@ def _from_hub(name: str, limit: int, seed: int) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise ExaoneError(f"--calib_dataset {name}: the `datasets` package is not installed") from None
+        problem = "the `datasets` package is not installed"
+        raise OptionError("calib_dataset", name, problem, f"{{option}} {name}: {{problem}}") from None
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True") and not _hub_reachable():
-        raise ExaoneError(
-            f"--calib_dataset {name}: the Hugging Face hub is not reachable (offline?); pass a local "
-            ".txt/.json/.jsonl/.parquet file or directory, or 'shared'"
+        raise OptionError(
+            "calib_dataset",
+            name,
+            "the Hugging Face hub is not reachable (offline?); pass a local "
+            ".txt/.json/.jsonl/.parquet file or directory, or 'shared'",
+            f"{{option}} {name}: {{problem}}",
         )
     try:
         ds = datasets.load_dataset(*args, split="train", streaming=True)
@@ -73,7 +80,8 @@ def _from_hub(name: str, limit: int, seed: int) -> list[str]:
                 break
     except Exception as e:  # datasets raises many types (network, missing config, cache)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExaoneError(f"--calib_dataset {name}: could not load it through datasets ({first})") from None
+        problem = f"could not load it through datasets ({first})"
+        raise OptionError("calib_dataset", name, problem, f"{{option}} {name}: {{problem}}") from None
     return texts
 
 
@@ -92,7 +100,7 @@ def _from_path(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
         if not files:
-            raise ExaoneError(f"--calib_dataset {path}: no {'/'.join(SUFFIXES)} files in the directory")
+            raise OptionError("calib_dataset", path, f"no {'/'.join(SUFFIXES)} files in the directory")
         return [t for f in files for t in _from_file(f)]
     return _from_file(path)
 
@@ -167,7 +175,8 @@ def calibration_batches(
     """[calib_size, calib_seq] token ids packed from the texts (shuffled with seed)."""
     texts = [t for t in texts if t and t.strip()]
     if not texts:
-        raise ExaoneError(f"--calib_dataset {dataset}: the calibration set is empty")
+        template = f"{{option}} {literal(dataset)}: {{problem}}"
+        raise OptionError("calib_dataset", dataset, "the calibration set is empty", template)
     random.Random(seed).shuffle(texts)
     need = calib_size * calib_seq
     eos = tokenizer.eos_token_id
@@ -180,8 +189,11 @@ def calibration_batches(
             break
     if len(stream) < need:
         have = len(stream) // calib_seq
-        raise ExaoneError(
-            f"--calib_dataset {dataset}: too short: {len(stream)} tokens give {have} samples of "
-            f"--calib_seq {calib_seq}, --calib_size asks for {calib_size} (use more text or smaller values)"
+        raise OptionError(
+            "calib_dataset",
+            dataset,
+            f"too short: {len(stream)} tokens give {have} samples of calib_seq {calib_seq}, calib_size asks "
+            f"for {calib_size} (use more text or smaller values)",
+            f"{{option}} {literal(dataset)}: {{problem}}",
         )
     return torch.tensor(stream[:need], dtype=torch.long).view(calib_size, calib_seq)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from exaone.core.config import ModelConfig
-from exaone.core.errors import ExaoneError, read_json
+from exaone.core.errors import ExaoneError, OptionError, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -37,7 +37,7 @@ def encode(tokenizer, text: str, chat: bool = False, enable_thinking: bool | Non
     if not chat:
         return tokenizer(text)["input_ids"]
     if not tokenizer.chat_template:
-        raise ExaoneError("--apply_chat_template: this tokenizer has no chat template")
+        raise OptionError("chat", chat, "this tokenizer has no chat template", "{option}: {problem}")
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **extra

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from exaone.core import qmath
 from exaone.core.config import ModelConfig, load_config
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError
 from exaone.core.formats.registry import trtllm_algos
 from exaone.core.io import manifest as mf
 from exaone.core.io.checkpoint import SIDE_FILES
@@ -42,43 +42,51 @@ def resolve_dtype(opts: ConvertOptions, cfg: ModelConfig) -> str:
         found = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "float16"
         return "float16" if found == "float32" else found
     if opts.dtype not in DTYPES:
-        raise ExaoneError(f"--dtype {opts.dtype!r}: expected auto, {', '.join(DTYPES)}")
+        raise OptionError("dtype", opts.dtype, f"expected auto, {', '.join(DTYPES)}")
     return opts.dtype
 
 
 def validate(cfg: ModelConfig, opts: ConvertOptions, quant: dict | None):
     tp, pp = opts.tp_size, opts.pp_size
     if tp < 1 or pp < 1:
-        raise ExaoneError(f"--tp_size {tp} / --pp_size {pp}: both must be at least 1")
+        option = "tp_size" if tp < 1 else "pp_size"
+        raise OptionError(option, getattr(opts, option), "must be at least 1")
     if cfg.num_heads % tp:
-        raise ExaoneError(f"--tp_size {tp} does not divide num_attention_heads {cfg.num_heads}")
+        problem = f"does not divide num_attention_heads {cfg.num_heads}"
+        raise OptionError("tp_size", tp, problem, "{option} {value} {problem}")
     if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-        raise ExaoneError(
-            f"--tp_size {tp} does not divide num_key_value_heads {cfg.num_kv_heads} "
-            "(nor is it a multiple of it, which would duplicate kv heads as TensorRT-LLM does)"
+        raise OptionError(
+            "tp_size",
+            tp,
+            f"does not divide num_key_value_heads {cfg.num_kv_heads} "
+            "(nor is it a multiple of it, which would duplicate kv heads as TensorRT-LLM does)",
+            "{option} {value} {problem}",
         )
     if cfg.num_layers % pp:
-        raise ExaoneError(f"--pp_size {pp} does not divide the {cfg.num_layers} layers")
+        problem = f"does not divide the {cfg.num_layers} layers"
+        raise OptionError("pp_size", pp, problem, "{option} {value} {problem}")
     if cfg.intermediate_size % tp:
-        raise ExaoneError(f"--tp_size {tp} does not divide intermediate_size {cfg.intermediate_size}")
+        problem = f"does not divide intermediate_size {cfg.intermediate_size}"
+        raise OptionError("tp_size", tp, problem, "{option} {value} {problem}")
     if cfg.family == "exaone_moe" and cfg.moe_intermediate_size % tp:
-        raise ExaoneError(f"--tp_size {tp} does not divide moe_intermediate_size {cfg.moe_intermediate_size}")
+        problem = f"does not divide moe_intermediate_size {cfg.moe_intermediate_size}"
+        raise OptionError("tp_size", tp, problem, "{option} {value} {problem}")
     if opts.workers < 1:
-        raise ExaoneError(f"--workers {opts.workers}: must be at least 1")
+        raise OptionError("workers", opts.workers, "must be at least 1")
     if opts.use_weight_only:
         if quant is not None:
-            raise ExaoneError("--use_weight_only: the input is already quantized (hf_quant_config.json)")
+            problem = "the input is already quantized (hf_quant_config.json)"
+            raise OptionError("use_weight_only", True, problem, "{option}: {problem}")
         if opts.weight_only_precision not in tn.WEIGHT_ONLY_ALGO:
-            raise ExaoneError(
-                f"--weight_only_precision {opts.weight_only_precision!r}: expected int8 or int4"
-            )
+            raise OptionError("weight_only_precision", opts.weight_only_precision, "expected int8 or int4")
         if cfg.family == "exaone_moe":
             raise ExaoneError(
                 "not supported: weight-only quantization of K-EXAONE experts (TensorRT-LLM preprocesses "
                 "MoE weights with another interleave); quantize with `exaone quantize` instead"
             )
         if opts.per_group and opts.weight_only_precision != "int4":
-            raise ExaoneError("--per_group: only int4 has a group-wise format (W4A16_AWQ) in TensorRT-LLM")
+            problem = "only int4 has a group-wise format (W4A16_AWQ) in TensorRT-LLM"
+            raise OptionError("per_group", True, problem, "{option}: {problem}")
         if opts.per_group:
             _check_groups(cfg, opts)
         else:
@@ -87,11 +95,11 @@ def validate(cfg: ModelConfig, opts: ConvertOptions, quant: dict | None):
         raise ExaoneError("--per_group needs --use_weight_only --weight_only_precision int4")
     if opts.int8_kv_cache:
         if quant is not None and quant.get("kv_cache_quant_algo"):
-            raise ExaoneError(
-                "--int8_kv_cache: the input already has a quantized KV cache (hf_quant_config.json)"
-            )
+            problem = "the input already has a quantized KV cache (hf_quant_config.json)"
+            raise OptionError("int8_kv_cache", True, problem, "{option}: {problem}")
         if opts.calib_size < 1 or opts.calib_max_seq_length < 1:
-            raise ExaoneError("--calib_size and --calib_max_seq_length must be at least 1")
+            option = "calib_size" if opts.calib_size < 1 else "calib_max_seq_length"
+            raise OptionError(option, getattr(opts, option), "must be at least 1")
 
 
 def _check_groups(cfg: ModelConfig, opts: ConvertOptions):
@@ -103,9 +111,8 @@ def _check_groups(cfg: ModelConfig, opts: ConvertOptions):
     }
     for what, n in ins.items():
         if n % g:
-            raise ExaoneError(
-                f"--group_size {g} does not divide {what} ({n}): int4 groups cannot straddle it"
-            )
+            problem = f"does not divide {what} ({n}): int4 groups cannot straddle it"
+            raise OptionError("group_size", g, problem, "{option} {value} {problem}")
 
 
 def _source_quantization(src: Path, raw: dict) -> dict | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError
 from exaone.core.trtllm import names as tn
 
 TRT_SUFFIX = {
@@ -82,10 +82,12 @@ def build(
                 dim = 0
             if dim is not None:
                 if t.shape[dim] % tp:
-                    raise ExaoneError(
+                    raise OptionError(
+                        "tp_size",
+                        tp,
+                        "for int4 blocks: in_features / tp_size must be a multiple of the group size",
                         f"{name}.{suffix}: dimension {dim} of {list(t.shape)} is not divisible by "
-                        f"--tp_size {tp} "
-                        "(for int4 blocks: in_features / tp_size must be a multiple of the group size)"
+                        "{option} {value} ({problem})",
                     )
                 t = tn.chunk(t, tp, rank, dim)
             tensors.append(t)

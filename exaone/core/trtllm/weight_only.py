@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from exaone.core.errors import ExaoneError
+from exaone.core.errors import ExaoneError, OptionError
 
 LAYOUTS = ("sm80", "sm90")  # sm80 stands for every SM75..SM89 GPU: they share one layout
 # Rows of B permuted together for LDSM, per bit width (cutlass_preprocessors.cpp, get_permutation_map).
@@ -41,7 +41,7 @@ def layout_for_sm(sm: int) -> str:
         return "sm80"
     if sm == 90:
         return "sm90"
-    raise ExaoneError(f"--target_sm {sm}: TensorRT-LLM's weight-only layout is defined for SM75-SM90")
+    raise OptionError("target_sm", sm, "TensorRT-LLM's weight-only layout is defined for SM75-SM90")
 
 
 def symmetric_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
