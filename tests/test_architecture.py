@@ -14,15 +14,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "exaone"
 
 # Lowest first. A module's layer is that of the longest prefix listed for it.
 LAYERS = [
-    ["exaone"],  # the version, nothing else
+    ["exaone", "exaone.core"],  # the version; the empty core package (both by exact name only)
     ["exaone.core.errors"],
     ["exaone.core.config", "exaone.core.qmath"],
     ["exaone.core.kernels"],
-    ["exaone.core.model"],
+    ["exaone.core.model", "exaone.core.sampling"],
     ["exaone.core.io"],
     ["exaone.core.formats"],
     # the TensorRT-LLM checkpoint format: what the loader needs to read one
-    ["exaone.core.trtllm.names", "exaone.core.trtllm.linear", "exaone.core.trtllm.weight_only",
+    ["exaone.core.trtllm", "exaone.core.trtllm.names", "exaone.core.trtllm.linear",
+     "exaone.core.trtllm.weight_only",
      "exaone.core.trtllm.config", "exaone.core.trtllm.reader"],  # fmt: skip
     ["exaone.core.loader"],
     ["exaone.core.reference", "exaone.core.generate", "exaone.core.trtllm.kv_calib"],
@@ -34,6 +35,9 @@ LAYERS = [
     ["exaone.serve"],
     ["exaone.cli"],
 ]
+
+
+EXACT = {"exaone", "exaone.core"}
 
 
 def module_name(path: Path) -> str:
@@ -48,7 +52,8 @@ def layer(module: str) -> int:
     best, found = -1, None
     for i, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+            within = module == prefix or (module.startswith(prefix + ".") and prefix not in EXACT)
+            if within and len(prefix) > best:
                 best, found = len(prefix), i
     assert found is not None, f"{module} is in no layer: add it to LAYERS and docs/ARCHITECTURE.md"
     return found

@@ -85,14 +85,18 @@ def test_256_prompts_continuous_batching_equal_one_by_one(checkpoints):
 def test_sliding_window_layers_store_only_their_window(checkpoints):
     _, engine_dir = checkpoints["exaone4"]  # window 5, layers 0-2 sliding, layer 3 full; 4-token blocks
     engine = load_engine(engine_dir)
-    window, bs = 5, 4
+    window, bs, chunk = 5, 4, 48  # prompts are fed in chunks of at most max_num_tokens (48)
     engine.generate([list(range(1, 61))], Sampling(max_new_tokens=40))
     sliding, full = engine.cache.groups
     assert sliding.window == window and full.window is None
-    assert sliding.peak_used <= -(-(window - 1) // bs) + 1  # the window's blocks, nothing older
+    # the window's blocks plus the tokens of the step being computed, nothing older
+    assert sliding.peak_used <= -(-(window - 1 + chunk) // bs) + 1 < full.peak_used
     assert full.peak_used == -(-100 // bs)
+    engine.generate([list(range(1, 4))], Sampling(max_new_tokens=80))  # decoding: the window alone
+    decode = -(-window // bs) + 1
+    assert engine.cache.groups[0].blocks_for(83) == decode
     stats = engine.kv_stats()["layers"]
-    batch, per_seq_sliding, per_seq_full = 16, 2, 160 // bs  # + the null block in each pool
+    batch, per_seq_sliding, per_seq_full = 16, sliding.blocks_for(160, chunk), 160 // bs  # + the null block
     assert stats[0]["bytes"] * (batch * per_seq_full + 1) == stats[3]["bytes"] * (batch * per_seq_sliding + 1)
 
 
@@ -128,11 +132,9 @@ def test_quantized_kv_cache_stays_close(checkpoints, tmp_path, kv):
     assert engine.cache.k[0].dtype == {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[kv]
     model = load_model(ckpt, "float32", "cpu")
     seq = prompts(1, seed=5, longest=1)[0] + list(range(30, 70))
-    engine.cache.admit(0, len(seq))
+    engine.cache.admit(0, len(seq), chunk=8)
     for start in range(0, len(seq), 8):  # later chunks read earlier ones back from the quantized cache
-        chunk = seq[start : start + 8]
-        pos = torch.arange(start, start + len(chunk))[None]
-        logits = engine.prefill([(0, len(chunk))], torch.tensor([chunk]), pos)
+        logits = engine.forward_logits([(0, seq[start : start + 8])])
     engine.cache.release(0)
     ref = model(torch.tensor([seq]))[0, -1]
     err = (logits[0] - ref).abs().max() / ref.abs().max()
@@ -351,19 +353,25 @@ def test_unpackable_quantized_checkpoint_keeps_the_reference_path(checkpoints, t
     assert got == one_by_one(load_model(qdir, "float32", "cpu"), ps, 6)
 
 
-def test_cuda_graph_buffers_padding_and_buckets_on_the_cpu(checkpoints):
-    """The static-buffer decode path CUDA graphs replay, run eagerly: padded batches, context buckets."""
+def test_cuda_graph_buffers_and_padding_on_the_cpu(checkpoints):
+    """The static-buffer decode path CUDA graphs replay, run eagerly: batches padded to a captured size,
+    split-KV attention, greedy and sampling graphs, one graph for every context length."""
     from exaone.core.engine.graphs import DecodeGraphs
 
     ckpt, engine_dir = checkpoints["exaone4"]
     engine = load_engine(engine_dir, options=RuntimeOptions(max_attention_window_size=[5, 5, 5, 1000]))
-    assert DecodeGraphs(engine, [1]).buckets == [160]
-    engine.graphs = DecodeGraphs(engine, [1, 2, 4, 8], buckets=[8, 40])  # small: the test crosses them
-    assert engine.graphs.buckets == [8, 40, 160] and engine.graphs.widths(160) == [2, 40]
-    assert engine.graphs.widths(8) == [2, 2]
+    engine.graphs = DecodeGraphs(engine, [1, 2, 4, 8])
+    engine.graphs.long = 40  # short and long contexts in one small test
+    assert engine.graphs.splits[1] > 1  # long contexts at small batch split the keys
     ps = prompts(11, seed=9, longest=60)
     got = [g.output_ids for g in engine.generate(ps, Sampling(max_new_tokens=20))]
     assert got == one_by_one(load_model(ckpt, "float32", "cpu"), ps, 20)
+    assert {(4, True, False), (8, True, False)} <= set(engine.graphs.graphs)
+    assert any(key[2] for key in engine.graphs.graphs)  # contexts past graphs.LONG: split-KV graphs
+    params = Sampling(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    sampled = engine.generate(ps[:3], params)
+    assert any(not key[1] for key in engine.graphs.graphs)  # the sampling graph, made when first needed
+    assert [g.output_ids for g in sampled] == [g.output_ids for g in engine.generate(ps[:3], params)]
 
 
 def test_prefix_reuse_shares_prompt_blocks_and_changes_nothing(checkpoints):
@@ -384,3 +392,25 @@ def test_prefix_reuse_shares_prompt_blocks_and_changes_nothing(checkpoints):
     assert [g.output_ids for g in small.generate(ps * 2, Sampling(max_new_tokens=8))] == expected * 2
     with pytest.raises(ExaoneError, match="not supported with sliding-window layers"):
         load_engine(checkpoints["exaone4"][1], options=RuntimeOptions(enable_kv_cache_reuse=True))
+
+
+def test_requests_with_logprobs_and_abort(checkpoints):
+    """The request interface a server uses: log-probabilities of the chosen and top tokens equal the
+    reference's log-softmax; an aborted request gives its blocks back at once."""
+    ckpt, engine_dir = checkpoints["exaone3"]
+    engine = load_engine(engine_dir)
+    model = load_model(ckpt, "float32", "cpu")
+    p = prompts(1, seed=12, longest=20)[0]
+    r = engine.add_request(p, Sampling(max_new_tokens=4), logprobs=3)
+    other = engine.add_request(p, Sampling(max_new_tokens=50))
+    while not r.finished:
+        engine.step()
+    engine.abort(other)
+    assert other.finish_reason == "abort" and not engine.cache.seqs
+    assert all(g.used == 0 for g in engine.cache.groups)
+    seq = p + r.output
+    ref = torch.log_softmax(model(torch.tensor([seq]))[0].float(), -1)
+    for i, (chosen, top) in enumerate(r.token_logprobs):
+        row = ref[len(p) - 1 + i]
+        assert abs(chosen - row[r.output[i]].item()) < 1e-4
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()

@@ -4,6 +4,7 @@ Model Optimizer and formats.py), plus a small timing print."""
 from __future__ import annotations
 
 import pytest
+import test_engine_kernels as tek
 import torch
 from test_kernels import BF, FORMATS, FP16, _activations, exported, packed_linear, rel_err
 
@@ -89,3 +90,15 @@ def test_nvfp4_activation_kernel_exact_on_cuda():
         for input_scale in (torch.tensor(1 / 448), x.float().abs().max() / 2688, torch.tensor(1e-6)):
             ours = fake_quant_nvfp4_triton(x.cuda(), input_scale.cuda()).cpu()
             assert torch.equal(ours, formats.fake_quant_nvfp4(x, input_scale))
+
+
+# --- the engine's fused kernels on the GPU: the checks tests/test_engine_kernels.py runs interpreted ----
+
+
+@pytest.mark.parametrize("name", [n for n in tek._CHECKS if not n.startswith("engine")])
+def test_fused_kernel_on_cuda(name):
+    tek.DEV = "cuda"
+    try:
+        tek._CHECKS[name]()
+    finally:
+        tek.DEV = "cpu"

@@ -39,7 +39,7 @@ def _root(
 
 
 def _register():
-    from exaone.cli import build, convert, download, inspect, quantize, run, summarize
+    from exaone.cli import bench, build, convert, download, inspect, quantize, run, summarize
 
     download.register(app)
     quantize.register(app)
@@ -48,6 +48,7 @@ def _register():
     build.register(app)
     inspect.register(app)
     summarize.register(app)
+    bench.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

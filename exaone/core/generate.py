@@ -6,12 +6,14 @@ out by attention, so a batched prompt computes the same thing as the prompt alon
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from exaone.core import sampling
 from exaone.core.errors import ExaoneError, OptionError
 from exaone.core.model.kv_cache import KVCache
 from exaone.core.model.layers import CausalLM
@@ -51,22 +53,20 @@ class Generation:
     total_s: float = 0.0
 
 
-def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+def sample(logits: torch.Tensor, params: Sampling, seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]; row b draws with seed seeds[b] at `step`
+    (exaone/core/sampling.py: the engine draws the same tokens from the same logits)."""
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < params.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    n = logits.shape[0]
+
+    def full(value, dtype):
+        return torch.full((n,), value, dtype=dtype, device=logits.device)
+
+    return sampling.sample(
+        logits, full(params.temperature, torch.float32), full(params.top_k, torch.long),
+        full(params.top_p, torch.float32), seeds, full(step, torch.long),
+    )  # fmt: skip
 
 
 @torch.inference_mode()
@@ -101,9 +101,9 @@ def generate(
         pos[row, longest - len(p) :] = torch.arange(len(p))
     ids, pos = ids.to(device), pos.to(device)
     cache = KVCache(model.cfg, b, longest + params.max_new_tokens, dtype, device)
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
+    # Row b draws from seed S + b (a random S when none is given), as the engine's request b does.
+    base = params.seed if params.seed is not None else random.getrandbits(62)
+    seeds = base + torch.arange(b, device=device)
 
     results = [Generation(list(p)) for p in prompts]
     done = [False] * b
@@ -111,7 +111,7 @@ def generate(
     logits = model(ids, pos, cache, last_only=True)[:, -1]
     next_pos = pos[:, -1:] + 1
     for step in range(params.max_new_tokens):
-        token = sample(logits, params, generator)
+        token = sample(logits, params, seeds, step)
         now = time.perf_counter() - start
         for row, t in enumerate(token.tolist()):
             if done[row]:

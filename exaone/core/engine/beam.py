@@ -42,16 +42,17 @@ def beam_search(
     if nb > engine.max_batch_size:
         raise ExaoneError(f"--num_beams {nb}: more than the engine's max_batch_size {engine.max_batch_size}")
     length = len(prompt) + params.max_new_tokens
-    seqs = list(range(nb))
-    for s in seqs:
-        if not cache.can_admit(length):
-            for done in seqs[:s]:
+    chunk = min(len(prompt), max(1, engine.max_num_tokens // nb))
+    seqs = [-1 - i for i in range(nb)]  # cache ids of their own: never those of the scheduler's requests
+    for i, s in enumerate(seqs):
+        if not cache.can_admit(length, chunk):
+            for done in seqs[:i]:
                 cache.release(done)
             raise ExaoneError(
-                f"--num_beams {nb}: the KV cache holds only {s} sequences of {length} tokens "
+                f"--num_beams {nb}: the KV cache holds only {i} sequences of {length} tokens "
                 "(raise the KV cache size or lower --num_beams)"
             )
-        cache.admit(s, length)
+        cache.admit(s, length, chunk=chunk)
     try:
         return _search(engine, seqs, prompt, params, stop_ids, length_penalty)
     finally:
@@ -65,9 +66,7 @@ def _search(engine, seqs, prompt, params, stop_ids, length_penalty) -> BeamGener
     fed, chunk = 0, max(1, engine.max_num_tokens // nb)
     while fed < len(prompt):  # every beam starts from the same prompt
         n = min(chunk, len(prompt) - fed)
-        ids = torch.tensor(prompt[fed : fed + n]).expand(nb, n)
-        pos = torch.arange(fed, fed + n).expand(nb, n)
-        logits = engine.prefill([(s, n) for s in seqs], ids, pos)
+        logits = engine.forward_logits([(s, prompt[fed : fed + n]) for s in seqs])
         fed += n
     ttft = time.perf_counter() - start
     eos = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
@@ -113,8 +112,7 @@ def _search(engine, seqs, prompt, params, stop_ids, length_penalty) -> BeamGener
         if not improvable or bool(hits.all()):
             break
         engine.cache.reorder(seqs, new_parents)
-        pos = torch.full((nb, 1), len(prompt) + step)
-        logits = engine.decode(seqs, torch.tensor(new_tokens)[:, None], pos)
+        logits = engine.forward_logits([(s, [t]) for s, t in zip(seqs, new_tokens, strict=True)])
     total = time.perf_counter() - start
     beams = []
     for seq in fin_seqs:

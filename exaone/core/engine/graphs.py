@@ -1,20 +1,33 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch size, sharing one memory pool.
+"""Decode steps replayed from CUDA graphs: the whole step, sampling included, one graph per batch size.
 
-A decode step has static shapes once the number of KV blocks read per sequence is fixed: graphs
-are captured per batch size and per context bucket (max_seq_len, a quarter of it, ... down to
-~256 tokens; sliding layers read at most a window's worth). Token ids, positions and the
-block-table index tensors live in static buffers that each step overwrites before replaying.
-A batch is padded up to the next captured size and bucket (padding rows have position -1 and
-write to the null block). MoE models route tokens with data-dependent control flow and run eagerly.
+A decode step has static shapes: B sequences, one token each; the attention kernel reads each
+sequence's length and block table from tensors, so one graph serves every context length. Token
+ids (or the rows of the previous step's output to take them from), positions, cache slots, block
+tables, lengths and sampling parameters live in static buffers that each step overwrites before
+replaying. A batch is padded up to the next captured size (padding rows have length 0 and store
+nothing). Attention splits long contexts across programs (split-KV) only where a sequence is long
+enough to need it: each size has a graph without splits (contexts up to LONG tokens) and one with
+them. Greedy short-context graphs are captured when the engine loads; the others (the full sampler:
+sort, top-k / top-p, Gumbel noise; long contexts) the first time a step needs them. On the CPU the
+same static-buffer path runs eagerly (how the tests check it). MoE models (data-dependent expert
+routing) run eagerly.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from exaone.core.engine.paged import Plan, StepView
+from exaone.core import sampling
+from exaone.core.engine.step import PagedStep, StepPlan, StepTensors
+from exaone.core.kernels import ops
 
-GATHER_LIMIT = 2 << 30  # bytes of one layer's gathered keys and values (as float32) in a captured step
+LONG = 512  # contexts up to this many tokens decode without split-KV (its reduction costs more)
+
+
+def decode_splits(batch: int, kv_heads: int, sms: int) -> int:
+    """Split-KV factor for a decode batch: enough programs to fill the GPU twice over (at most 16)."""
+    return max(1, min(16, -(-2 * sms // (batch * kv_heads))))
 
 
 class DecodeGraphs:
@@ -34,100 +47,105 @@ class DecodeGraphs:
             return None
 
     @torch.inference_mode()
-    def __init__(self, engine, sizes: list[int], buckets: list[int] | None = None):
+    def __init__(self, engine, sizes: list[int]):
+        self.engine, self.sizes = engine, sizes
         cache, dev = engine.cache, engine.device
-        self.groups = cache.groups
-        self.caps = [g.blocks_for(engine.max_seq_len) for g in cache.groups]
-        # Context buckets (tokens already cached): max_seq_len, then quarters down to ~256 tokens, so a
-        # short context does not pay for reading max_seq_len worth of blocks.
-        if buckets is None:
-            buckets = [engine.max_seq_len]
-            while buckets[-1] > 256:
-                buckets.append(-(-buckets[-1] // 4))
-        self.buckets = sorted(set(buckets) | {engine.max_seq_len})
-        # Skip (batch, bucket) pairs whose per-layer gathered keys/values would be too large: those
-        # batches decode eagerly, reading only the blocks they need.
-        per_token = 2 * 4 * engine.cfg.num_kv_heads * engine.cfg.head_dim
-        self.captured = [
-            (b, bucket)
-            for bucket in self.buckets
+        top = self.max_batch = sizes[-1]
+        cfg = engine.cfg
+        self.ids = torch.zeros(top, dtype=torch.long, device=dev)
+        self.src = torch.full((top,), -1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.long, device=dev)
+        self.slots = [torch.full((top,), -1, dtype=torch.long, device=dev) for _ in cache.groups]
+        self.tables = [torch.zeros((top, cache.width), dtype=torch.int32, device=dev) for _ in cache.groups]
+        self.seq_lens = torch.zeros(top, dtype=torch.int32, device=dev)
+        self.query_start = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(top, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(top, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(top, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(top, dtype=torch.float32, device=dev)
+        self.seed = torch.zeros(top, dtype=torch.long, device=dev)
+        self.step_no = torch.zeros(top, dtype=torch.long, device=dev)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
+        self.splits = {b: decode_splits(b, cfg.num_kv_heads, sms) for b in sizes}
+        self.workspace = {
+            b: ops.attention_workspace(self.splits[b], b, cfg.num_heads, cfg.head_dim, dev)
             for b in sizes
-            if b * self.tokens_read(bucket) * per_token <= GATHER_LIMIT
-        ]
-        if not self.captured:
-            raise RuntimeError("no batch size fits the CUDA graph gather limit")
-        self.sizes = sorted({b for b, _ in self.captured})
-        self.max_batch = top = self.sizes[-1]
-        widest = self.widths(max(bucket for _, bucket in self.captured))
-        self.ids = torch.zeros((top, 1), dtype=torch.long, device=dev)
-        self.pos = torch.full((top, 1), -1, dtype=torch.long, device=dev)
-        self.plans = [
-            Plan(
-                torch.zeros((top, w * g.block_size), dtype=torch.long, device=dev),
-                torch.full((top, w * g.block_size), -1, dtype=torch.long, device=dev),
-                torch.zeros(top, dtype=torch.long, device=dev),
-            )
-            for g, w in zip(cache.groups, widest, strict=True)
-        ]
-        self.graphs: dict[tuple[int, int], tuple] = {}  # (batch, bucket) -> (graph, its output)
-        pool = None
-        for b, bucket in reversed(self.captured):  # largest first: smaller graphs reuse its memory
-            cols = [w * g.block_size for g, w in zip(cache.groups, self.widths(bucket), strict=True)]
-            plans = [
-                Plan(p.gather_idx[:b, :c], p.gather_pos[:b, :c], p.write_idx[:b])
-                for p, c in zip(self.plans, cols, strict=True)
-            ]
-            view = StepView(cache, plans)
+            if self.splits[b] > 1
+        }
+        self.long = LONG
+        self.pool = None
+        self.graphs: dict[tuple[int, bool, bool], tuple] = {}  # (batch, greedy, long) -> (graph, output)
+        for b in reversed(sizes):  # largest first: smaller graphs reuse its memory
+            self._capture(b, greedy=True, long=False)
 
-            def step(b=b, view=view):
-                return engine.model(self.ids[:b], self.pos[:b], view, last_only=True)[:, -1]
+    def _step(self, b: int, greedy: bool, long: bool) -> torch.Tensor:
+        e = self.engine
+        t = StepTensors(
+            self.positions[:b], [s[:b] for s in self.slots], [tb[:b] for tb in self.tables],
+            self.seq_lens[:b], self.query_start[: b + 1], None, self.rows[:b],
+        )  # fmt: skip
+        ids = torch.where(self.src[:b] >= 0, e.last_tokens[self.src[:b].clamp(min=0)], self.ids[:b])
+        splits = self.splits[b] if long else 1
+        ctx = PagedStep(e.cache, t, e.cos_sin, splits, self.workspace.get(b) if long else None)
+        logits = e.model(ids, t.positions, ctx, rows=t.rows)
+        if greedy:
+            return ops.argmax(logits)
+        return sampling.sample(
+            logits, self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seed[:b], self.step_no[:b]
+        )
 
-            if dev.type != "cuda":  # tests: the same static-buffer path, replayed eagerly
-                self.graphs[(b, bucket)] = (None, step)
-                continue
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = step()
-            pool = graph.pool()
-            self.graphs[(b, bucket)] = (graph, out)
-
-    def widths(self, bucket: int) -> list[int]:
-        """Blocks read per sequence and group when at most `bucket` tokens are cached."""
-        return [min(cap, -(-bucket // g.block_size)) for g, cap in zip(self.groups, self.caps, strict=True)]
-
-    def tokens_read(self, bucket: int) -> int:
-        return sum(w * g.block_size for g, w in zip(self.groups, self.widths(bucket), strict=True))
-
-    def pick(self, n: int, cached: int) -> tuple[int, int] | None:
-        """The captured (batch, bucket) for n sequences with at most `cached` tokens cached, if any."""
-        bucket = next(b for b in self.buckets if b >= cached)
-        return next(((b, k) for b, k in self.captured if k == bucket and b >= n), None)
+    def _capture(self, b: int, greedy: bool, long: bool):
+        dev = self.engine.device
+        key = (b, greedy, long)
+        if dev.type != "cuda":  # tests: the same static-buffer path, replayed eagerly
+            self.graphs[key] = (None, lambda: self._step(*key))
+            return
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles the Triton kernels, warms cuBLAS
+                self._step(*key)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._step(*key)
+        self.pool = graph.pool()
+        self.graphs[key] = (graph, out)
 
     @torch.inference_mode()
-    def run(
-        self, plans: list[Plan], key: tuple[int, int], ids: torch.Tensor, pos: torch.Tensor
-    ) -> torch.Tensor:
-        n, (b, bucket) = ids.shape[0], key
-        self.ids[:n].copy_(ids, non_blocking=True)
-        self.ids[n:b].zero_()
-        self.pos[:n].copy_(pos, non_blocking=True)
-        self.pos[n:b].fill_(-1)
-        for static, plan in zip(self.plans, plans, strict=True):
-            c = plan.gather_idx.shape[1]
-            static.gather_idx[:n, :c].copy_(plan.gather_idx)
-            static.gather_idx[n:b, :c].zero_()
-            static.gather_pos[:n, :c].copy_(plan.gather_pos)
-            static.gather_pos[n:b, :c].fill_(-1)
-            static.write_idx[:n].copy_(plan.write_idx)
-            static.write_idx[n:b].zero_()
-        graph, out = self.graphs[(b, bucket)]
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Replay the step for a decode-only plan; None when no captured size fits it."""
+        n = len(plan.seq_ids)
+        b = next((s for s in self.sizes if s >= n), None)
+        if b is None:
+            return None
+        key = (b, plan.greedy, self.splits[b] > 1 and int(plan.seq_lens.max()) > self.long)
+        if key not in self.graphs:
+            self._capture(*key)
+        self._fill(plan, n, b)
+        graph, out = self.graphs[key]
         if graph is None:
             return out()[:n].clone()
         graph.replay()
-        return out[:n].clone()
+        return out[:n]
+
+    def _fill(self, plan: StepPlan, n: int, b: int):
+        def put(static: torch.Tensor, values: np.ndarray, pad):
+            static[:n].copy_(torch.from_numpy(values), non_blocking=True)
+            if b > n:
+                static[n:b].fill_(pad)
+
+        put(self.ids, plan.input_ids, 0)
+        put(self.src, plan.src, -1)
+        put(self.positions, plan.positions, 0)
+        for static, slots in zip(self.slots, plan.slots, strict=True):
+            put(static, slots, -1)
+        for static, table in zip(self.tables, plan.block_tables, strict=True):
+            put(static, table, 0)
+        put(self.seq_lens, plan.seq_lens, 0)
+        if not plan.greedy:
+            put(self.temperature, plan.temperature, 0.0)
+            put(self.top_k, plan.top_k, 0)
+            put(self.top_p, plan.top_p, 1.0)
+            put(self.seed, plan.seed, 0)
+            put(self.step_no, plan.step, 0)

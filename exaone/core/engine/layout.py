@@ -9,9 +9,9 @@ scales differ per projection, so they keep the Model Optimizer layout and the re
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from exaone.core.kernels import ops
 from exaone.core.model.layers import Attention, GatedMLP
 
 
@@ -23,13 +23,14 @@ class FusedQKVAttention(Attention):
 
 
 class FusedGatedMLP(nn.Module):
+    """The gated MLP with one gate/up GEMM and silu(gate) * up in one kernel."""
+
     def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Module):
         super().__init__()
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 def _plain(*modules) -> bool:
@@ -46,19 +47,26 @@ def _concat(linears: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def fuse(model: nn.Module) -> nn.Module:
-    """Fuse every plain (unquantized, bias-free) q/k/v triple and gate/up pair; return the model."""
-    for module in list(model.modules()):
+def fuse_attention(module: Attention, qkv_proj: nn.Module, sizes: list[int]):
+    """Turn an Attention into its fused form with one q/k/v projection (in place)."""
+    module.qkv_proj, module.qkv_sizes = qkv_proj, sizes
+    del module.q_proj, module.k_proj, module.v_proj
+    module.__class__ = FusedQKVAttention
+
+
+def fuse(model: nn.Module, keep: set[str] = frozenset()) -> nn.Module:
+    """Fuse every plain (unquantized, bias-free) q/k/v triple and gate/up pair, except those with a
+    projection named in `keep` (packed quantized projections that stay apart); return the model."""
+    for name, module in list(model.named_modules()):
         if isinstance(module, Attention) and not isinstance(module, FusedQKVAttention):
             q, k, v = module.q_proj, module.k_proj, module.v_proj
-            if _plain(q, k, v):
-                module.qkv_proj = _concat([q, k, v])
-                module.qkv_sizes = [q.out_features, k.out_features, v.out_features]
-                del module.q_proj, module.k_proj, module.v_proj
-                module.__class__ = FusedQKVAttention
-    for parent in list(model.modules()):
+            if _plain(q, k, v) and not {f"{name}.{p}_proj" for p in "qkv"} & keep:
+                fuse_attention(module, _concat([q, k, v]), [q.out_features, k.out_features, v.out_features])
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, GatedMLP) and _plain(child.gate_proj, child.up_proj):
+            path = f"{parent_name}.{name}" if parent_name else name
+            apart = {f"{path}.gate_proj", f"{path}.up_proj"} & keep
+            if isinstance(child, GatedMLP) and _plain(child.gate_proj, child.up_proj) and not apart:
                 gate_up = _concat([child.gate_proj, child.up_proj])
                 setattr(parent, name, FusedGatedMLP(gate_up, child.down_proj))
     return model

@@ -2,20 +2,25 @@
 
 Layers are grouped by attention window (full layers in one group, each distinct sliding window in
 another); each group has its own pool of blocks and its own block tables, so a sliding layer keeps
-only the blocks that still intersect its window: once a block falls out of the window it returns
-to the free list. Block 0 of every pool is the null block: padding reads it (masked out by
-position -1) and writes there (never read).
+only the blocks that still intersect its window. Block 0 of every pool is the null block: freed and
+unallocated entries of a block table point there, and nothing ever reads it (attention reads only
+the positions a query can see).
 
-Admission reserves, per group, the most blocks a request can ever hold (its whole length for full
-layers, one window's worth for sliding ones); blocks are then taken lazily and given back as the
-window slides or the request ends. A request never waits for a block once admitted, so no
-preemption is needed, and thousands of queued requests cost nothing but their token ids.
+A step first writes the new tokens' keys and values, then attends; so blocks that fall out of a
+window during a step are freed only when the step is over (`end_step`), never reused within it. A
+sliding layer therefore holds at most its window plus the tokens of the step being computed.
+
+Admission reserves, per group, the most blocks a request can ever hold at once; blocks are then
+taken lazily and given back as the window slides or the request ends. A request never waits for a
+block once admitted, so no preemption is needed, and thousands of queued requests cost nothing but
+their token ids. Block tables live on the CPU (numpy); each step uploads the rows it uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from exaone.core import qmath
@@ -38,12 +43,12 @@ class Group:
     reserved: int = 0
     peak_used: int = 0  # most blocks in use at once (tests and stats)
 
-    def blocks_for(self, length: int) -> int:
-        """Most blocks one sequence of `length` tokens holds at once."""
+    def blocks_for(self, length: int, chunk: int = 1) -> int:
+        """Most blocks a sequence of `length` tokens holds at once, fed at most `chunk` tokens a step."""
         full = cdiv(length, self.block_size)
         if self.window is None:
             return full
-        return min(full, cdiv(self.window - 1, self.block_size) + 1)
+        return min(full, cdiv(self.window - 1 + chunk, self.block_size) + 1)
 
     @property
     def used(self) -> int:
@@ -65,19 +70,10 @@ def bytes_per_block(group: Group, cfg: ModelConfig, kv_dtype: torch.dtype) -> in
 
 
 @dataclass
-class Plan:
-    """Index tensors for one group in one forward pass."""
-
-    gather_idx: torch.Tensor  # [B, S] flat slots to read (old keys)
-    gather_pos: torch.Tensor  # [B, S] their positions, -1 where nothing valid
-    write_idx: torch.Tensor  # [B * T] flat slot for every new token (0: discard)
-
-
-@dataclass
 class Seq:
     reserved: list[int]
-    blocks: list[list[int]]  # per group: logical block -> physical block (0 once freed)
-    written: int = 0  # positions < written have keys/values computed
+    tables: list[np.ndarray]  # per group: logical block -> physical block (0: none)
+    written: int = 0  # positions < written have keys/values stored
     keys: list[bytes] = field(default_factory=list)  # prefix reuse: names of the full prompt blocks
     registered: int = 0  # prompt blocks registered for reuse so far
 
@@ -91,16 +87,18 @@ class PagedKVCache:
         kv_dtype: torch.dtype,
         compute_dtype: torch.dtype,
         device: torch.device,
+        max_seq_len: int,
         reuse: bool = False,
     ):
         self.cfg, self.groups, self.kv_dtype, self.compute_dtype = cfg, groups, kv_dtype, compute_dtype
         self.device = device
         self.quantized = qmath.is_quantized_kv(kv_dtype)
+        self.width = cdiv(max_seq_len, groups[0].block_size)  # block table entries per sequence
         self.where: dict[int, int] = {}
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        self.k_scale: dict[int, torch.Tensor] = {}
-        self.v_scale: dict[int, torch.Tensor] = {}
+        self.k_scale: dict[int, torch.Tensor | None] = {}
+        self.v_scale: dict[int, torch.Tensor | None] = {}
         for gi, (g, n) in enumerate(zip(groups, num_blocks, strict=True)):
             g.num_blocks = n + 1
             g.free = list(range(n, 0, -1))  # pop() hands out low ids first
@@ -110,10 +108,12 @@ class PagedKVCache:
                 shape = (slots, cfg.num_kv_heads, cfg.head_dim)
                 self.k[layer] = torch.zeros(shape, dtype=kv_dtype, device=device)
                 self.v[layer] = torch.zeros(shape, dtype=kv_dtype, device=device)
-                if self.quantized:
-                    self.k_scale[layer] = torch.zeros(shape[:2], dtype=torch.float32, device=device)
-                    self.v_scale[layer] = torch.zeros(shape[:2], dtype=torch.float32, device=device)
+                for scales in (self.k_scale, self.v_scale):  # a float32 scale per stored vector
+                    scales[layer] = None
+                    if self.quantized:
+                        scales[layer] = torch.zeros(shape[:2], dtype=torch.float32, device=device)
         self.seqs: dict[int, Seq] = {}
+        self.pending_free: list[tuple[int, int, int]] = []  # (group, logical block, seq) freed after the step
         self.prefix = None
         if reuse:
             if len(groups) != 1 or groups[0].window is not None:
@@ -131,37 +131,40 @@ class PagedKVCache:
             n += self.k_scale[layer].nbytes + self.v_scale[layer].nbytes
         return n
 
-    def needs(self, length: int) -> list[int]:
-        return [g.blocks_for(length) for g in self.groups]
+    def needs(self, length: int, chunk: int = 1) -> list[int]:
+        return [g.blocks_for(length, chunk) for g in self.groups]
 
-    def can_admit(self, length: int) -> bool:
+    def can_admit(self, length: int, chunk: int = 1) -> bool:
         return all(
-            g.reserved + n <= g.num_blocks - 1 for g, n in zip(self.groups, self.needs(length), strict=True)
+            g.reserved + n <= g.num_blocks - 1
+            for g, n in zip(self.groups, self.needs(length, chunk), strict=True)
         )
 
-    def admit(self, seq_id: int, length: int, prompt: list[int] | None = None) -> int:
-        """Reserve for a sequence of `length` tokens; with prefix reuse, return how many of the prompt's
-        tokens are already cached (its prefill starts there)."""
-        need = self.needs(length)
+    def admit(self, seq_id: int, length: int, prompt: list[int] | None = None, chunk: int = 1) -> int:
+        """Reserve for a sequence of `length` tokens fed at most `chunk` a step; with prefix reuse,
+        return how many of the prompt's tokens are already cached (its prefill starts there)."""
+        need = self.needs(length, chunk)
         for g, n in zip(self.groups, need, strict=True):
             g.reserved += n
-        seq = self.seqs[seq_id] = Seq(need, [[] for _ in self.groups])
+        tables = [np.zeros(self.width, dtype=np.int32) for _ in self.groups]
+        seq = self.seqs[seq_id] = Seq(need, tables)
         if self.prefix is None or prompt is None:
             return 0
         bs = self.groups[0].block_size
         seq.keys = block_keys(prompt, bs)
-        seq.blocks[0] = self.prefix.match(seq.keys, (len(prompt) - 1) // bs)  # keep one token to compute
-        seq.registered = len(seq.blocks[0])
+        matched = self.prefix.match(seq.keys, (len(prompt) - 1) // bs)  # keep one token to compute
+        seq.tables[0][: len(matched)] = matched
+        seq.registered = len(matched)
         seq.written = seq.registered * bs
         self.prefix.reused_tokens += seq.written
         return seq.written
 
     def release(self, seq_id: int):
         seq = self.seqs.pop(seq_id)
-        for g, n, blocks in zip(self.groups, seq.reserved, seq.blocks, strict=True):
+        for g, n, table in zip(self.groups, seq.reserved, seq.tables, strict=True):
             g.reserved -= n
-            for b in reversed(blocks):
-                if b and (self.prefix is None or self.prefix.unref(b)):
+            for b in table[table > 0][::-1].tolist():
+                if self.prefix is None or self.prefix.unref(b):
                     g.free.append(b)
 
     def _alloc(self, g: Group) -> int:
@@ -169,102 +172,56 @@ class PagedKVCache:
             return g.free.pop()
         return self.prefix.evict()  # reservations guarantee a cached block nobody holds exists
 
-    # -- one forward pass -----------------------------------------------------------------------
-    def plan(self, rows: list[tuple[int, int]], t: int, gather_blocks: list[int] | None = None):
-        """Plans for a forward over `rows` = (seq_id, new tokens), left-padded to `t` columns.
-
-        Reads are computed from the current block tables first, then blocks that leave the window
-        are freed and blocks for the new tokens taken: within a layer every read precedes every
-        write, so a block freed and reused in the same pass is read before it is overwritten.
-        `gather_blocks` fixes the number of blocks read per group (static shapes for CUDA graphs).
-        """
-        plans = []
+    # -- one step -------------------------------------------------------------------------------
+    def allocate(self, seq_id: int, n: int) -> list[np.ndarray]:
+        """Blocks for the sequence's next n tokens; per group, the flat slot of each of them. Blocks
+        leaving a window are queued to be freed when the step ends."""
+        seq = self.seqs[seq_id]
+        start, end = seq.written, seq.written + n
+        pos = np.arange(start, end)
+        slots = []
         for gi, g in enumerate(self.groups):
-            bs = g.block_size
-            reads: list[list[int]] = []
-            for seq_id, _ in rows:
-                seq = self.seqs[seq_id]
-                first = 0 if g.window is None else max(0, seq.written - g.window + 1) // bs
-                reads.append(list(range(first, cdiv(seq.written, bs))))
-            width = gather_blocks[gi] if gather_blocks else max((len(r) for r in reads), default=0)
-            phys = torch.zeros((len(rows), width), dtype=torch.long)
-            logical = torch.full((len(rows), width), -1, dtype=torch.long)
-            limit = torch.zeros((len(rows), 1), dtype=torch.long)
-            for r, ((seq_id, _), blocks) in enumerate(zip(rows, reads, strict=True)):
-                table = self.seqs[seq_id].blocks[gi]
-                blocks = blocks[len(blocks) - width :] if len(blocks) > width else blocks
-                if blocks:
-                    phys[r, : len(blocks)] = torch.tensor([table[b] if b < len(table) else 0 for b in blocks])
-                    logical[r, : len(blocks)] = torch.tensor(blocks)
-                limit[r] = self.seqs[seq_id].written
-            offs = torch.arange(bs)
-            gather_idx = (phys[:, :, None] * bs + offs).reshape(len(rows), -1)
-            pos = (logical[:, :, None] * bs + offs).reshape(len(rows), -1)
-            valid = (phys[:, :, None] > 0).expand(-1, -1, bs).reshape(len(rows), -1) & (pos < limit)
-            gather_pos = torch.where(valid, pos, -1)
-            write_idx = torch.zeros((len(rows), t), dtype=torch.long)
-            for r, (seq_id, n) in enumerate(rows):
-                write_idx[r, t - n :] = self._take(gi, seq_id, n)
-            plans.append(
-                Plan(
-                    gather_idx.to(self.device, non_blocking=True),
-                    gather_pos.to(self.device, non_blocking=True),
-                    write_idx.reshape(-1).to(self.device, non_blocking=True),
-                )
-            )
-        for seq_id, n in rows:
-            seq = self.seqs[seq_id]
-            seq.written += n
-            if self.prefix is not None:  # full prompt blocks computed by this pass become reusable
-                done = min(len(seq.keys), seq.written // self.groups[0].block_size)
-                for b in range(seq.registered, done):
-                    self.prefix.register(seq.blocks[0][b], seq.keys[b])
-                seq.registered = max(seq.registered, done)
-        for g in self.groups:
-            g.peak_used = max(g.peak_used, g.used)
-        return plans
-
-    def _take(self, gi: int, seq_id: int, n: int) -> torch.Tensor:
-        """Free what leaves the window after these n tokens, take blocks for the kept ones; their slots."""
-        g, seq = self.groups[gi], self.seqs[seq_id]
-        bs, table, start = g.block_size, seq.blocks[gi], seq.written
-        end = start + n
-        keep_from = 0 if g.window is None else max(0, end - g.window + 1)
-        for b in range(min(keep_from // bs, len(table))):
-            if table[b]:
-                g.free.append(table[b])
-                table[b] = 0
-        first = max(start, keep_from)
-        if first < end:
-            table.extend([0] * (cdiv(end, bs) - len(table)))
-            for b in range(first // bs, cdiv(end, bs)):
+            bs, table = g.block_size, seq.tables[gi]
+            for b in range(start // bs, cdiv(end, bs)):
                 if not table[b]:
                     table[b] = self._alloc(g)
-        pos = torch.arange(start, end)
-        phys = torch.tensor(table + [0], dtype=torch.long)[(pos // bs).clamp(max=len(table))]
-        return torch.where(pos >= keep_from, phys * bs + pos % bs, 0)
+            slots.append(table[pos // bs].astype(np.int64) * bs + pos % bs)
+            if g.window is not None:  # blocks no query after this step can see
+                for b in range(max(0, end - g.window + 1) // bs):
+                    if table[b]:
+                        self.pending_free.append((gi, b, seq_id))
+        seq.written = end
+        if self.prefix is not None:  # full prompt blocks computed by this step become reusable
+            done = min(len(seq.keys), seq.written // self.groups[0].block_size)
+            for b in range(seq.registered, done):
+                self.prefix.register(int(seq.tables[0][b]), seq.keys[b])
+            seq.registered = max(seq.registered, done)
+        return slots
 
-    # -- reads and writes, called from the model's attention through StepView ------------------
-    def read(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at slots idx [B, S] as [B, Hkv, S, D] in the compute dtype."""
-        k, v = _raw(self.k[layer])[idx], _raw(self.v[layer])[idx]
-        if self.quantized:
-            k, v = k.view(self.kv_dtype), v.view(self.kv_dtype)
-            k = qmath.dequantize_kv(k, self.k_scale[layer][idx], self.compute_dtype)
-            v = qmath.dequantize_kv(v, self.v_scale[layer][idx], self.compute_dtype)
-        return k.transpose(1, 2), v.transpose(1, 2)
+    def end_step(self):
+        """The step's reads are over: blocks that left a window go back to the free list."""
+        for gi, b, seq_id in self.pending_free:
+            seq = self.seqs.get(seq_id)
+            if seq is not None and seq.tables[gi][b]:
+                self.groups[gi].free.append(int(seq.tables[gi][b]))
+                seq.tables[gi][b] = 0
+        self.pending_free.clear()
+        for g in self.groups:
+            g.peak_used = max(g.peak_used, g.used)
 
-    def write(self, layer: int, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, Hkv, T, D] at flat slots idx [B * T]."""
-        k = k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[-1])
-        v = v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1])
-        if self.quantized:
-            ks, vs = qmath.kv_token_scale(k, self.kv_dtype), qmath.kv_token_scale(v, self.kv_dtype)
-            k, v = qmath.quantize_kv(k, ks, self.kv_dtype), qmath.quantize_kv(v, vs, self.kv_dtype)
-            self.k_scale[layer].index_copy_(0, idx, ks)
-            self.v_scale[layer].index_copy_(0, idx, vs)
-        _raw(self.k[layer]).index_copy_(0, idx, _raw(k.to(self.kv_dtype)))
-        _raw(self.v[layer]).index_copy_(0, idx, _raw(v.to(self.kv_dtype)))
+    def note_peak(self):
+        for g in self.groups:
+            g.peak_used = max(g.peak_used, g.used)
+
+    def tables(self, seq_ids: list[int], rows: int | None = None) -> list[np.ndarray]:
+        """Per group, the block tables of seq_ids [rows, width] (rows beyond them: zeros)."""
+        out = []
+        for gi in range(len(self.groups)):
+            t = np.zeros((rows or len(seq_ids), self.width), dtype=np.int32)
+            for r, s in enumerate(seq_ids):
+                t[r] = self.seqs[s].tables[gi]
+            out.append(t)
+        return out
 
     def reorder(self, seq_ids: list[int], parents: list[int]):
         """Beam search: sequence seq_ids[i] takes the cached keys/values of seq_ids[parents[i]].
@@ -278,7 +235,8 @@ class PagedKVCache:
         for gi, g in enumerate(self.groups):
             src, dst = [], []
             for s, d in pairs:
-                for sb, db in zip(self.seqs[s].blocks[gi], self.seqs[d].blocks[gi], strict=True):
+                pair = zip(self.seqs[s].tables[gi].tolist(), self.seqs[d].tables[gi].tolist(), strict=True)
+                for sb, db in pair:
                     if sb:
                         src.append(sb)
                         dst.append(db)
@@ -297,25 +255,3 @@ class PagedKVCache:
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """fp8 as bytes: index_copy_/indexing lack fp8 kernels on some devices; copying bytes is exact."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
-class StepView:
-    """What the model's Attention sees as its cache for one forward pass (KVCache's interface)."""
-
-    length = 0  # positions are always given explicitly
-
-    def __init__(self, cache: PagedKVCache, plans: list[Plan]):
-        self.cache, self.plans = cache, plans
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        plan = self.plans[self.cache.where[layer]]
-        old_k, old_v = self.cache.read(layer, plan.gather_idx)
-        self.cache.write(layer, plan.write_idx, k, v)
-        return (
-            torch.cat((old_k, k), dim=2),
-            torch.cat((old_v, v), dim=2),
-            torch.cat((plan.gather_pos, positions), dim=1),
-        )
-
-    def advance(self, t: int):
-        pass

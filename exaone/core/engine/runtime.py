@@ -1,22 +1,32 @@
 """The engine runtime: the model's own modules over a paged KV cache, batched and scheduled.
 
-Attention, RoPE and masking are the model code's (exaone/core/layers.py): the paged cache plugs
-into Attention through the same `update(layer, k, v, positions)` interface as the reference
-KVCache, so the engine computes what `generate` computes, only scheduled differently.
+The model code is the families' (exaone/core/model); the engine gives its attention layers a
+`PagedStep` context (step.py) whose fused kernels store keys and values in the paged cache and
+attend over it, so the engine computes what `generate` computes, only scheduled differently.
+
+Scheduling (scheduler.py, on the CPU) is split from execution (here): `step()` makes the next plan
+and launches it before it waits for the previous one's tokens, so the GPU never waits for Python;
+decode steps replay CUDA graphs (graphs.py), sampling included, and one small device-to-host copy
+of token ids per step brings the results back.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from exaone.core import qmath
-from exaone.core.engine.paged import Group, PagedKVCache, StepView, bytes_per_block, make_groups
+from exaone.core import qmath, sampling
+from exaone.core.engine.paged import Group, PagedKVCache, bytes_per_block, make_groups
+from exaone.core.engine.scheduler import Request, Scheduler
+from exaone.core.engine.step import PagedStep, StepPlan, StepTensors
 from exaone.core.errors import ExaoneError
 from exaone.core.generate import Generation, Sampling
+from exaone.core.kernels import ops
 from exaone.core.model.layers import CausalLM
 
 MiB = 1 << 20
@@ -49,7 +59,9 @@ class RuntimeOptions:
     max_attention_window_size: list[int] | None = None
     enable_kv_cache_reuse: bool = False
     cuda_graphs: bool = True
-    cuda_graph_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    cuda_graph_batch_sizes: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    )
 
 
 class Engine:
@@ -75,6 +87,14 @@ class Engine:
         self.windows = self._apply_windows(options.max_attention_window_size)
         self.kv_dtype = qmath.KV_CACHE_DTYPES[build.kv_cache_dtype]
         self.cache = self._make_cache()
+        self.cos_sin = ops.cos_sin_table(model.inv_freq, self.max_seq_len).to(self.device)
+        self.scheduler = Scheduler(self.cache, self.max_batch_size, self.max_num_tokens)
+        self.requests: dict[int, Request] = {}
+        self._next_id = 0
+        # The previous step's sampled tokens stay on the device: the next plan's decodes read them.
+        self.last_tokens = torch.zeros(max(self.max_batch_size, self.max_num_tokens), dtype=torch.long,
+                                       device=self.device)  # fmt: skip
+        self._inflight = None
         self.graphs, self.graphs_off_reason = None, None
         if self.device.type == "cuda" and options.cuda_graphs:
             from exaone.core.engine.graphs import DecodeGraphs
@@ -103,7 +123,8 @@ class Engine:
     def _make_cache(self) -> PagedKVCache:
         bs = self.build.tokens_per_block
         groups = make_groups(self.windows, bs)
-        per_seq = [g.blocks_for(self.max_seq_len) for g in groups]
+        chunk = min(self.max_num_tokens, self.max_input_len)
+        per_seq = [g.blocks_for(self.max_seq_len, chunk) for g in groups]
         per_block = [bytes_per_block(g, self.cfg, self.kv_dtype) for g in groups]
         one_seq = sum(n * b for n, b in zip(per_seq, per_block, strict=True))
         budget, source = self._kv_budget()
@@ -116,7 +137,9 @@ class Engine:
         units = min(budget / one_seq, self.max_batch_size)  # more than a full batch would never be used
         blocks = [max(n, int(units * n)) for n in per_seq]
         reuse = self.options.enable_kv_cache_reuse
-        return PagedKVCache(self.cfg, groups, blocks, self.kv_dtype, self.dtype, self.device, reuse)
+        return PagedKVCache(
+            self.cfg, groups, blocks, self.kv_dtype, self.dtype, self.device, self.max_seq_len, reuse
+        )
 
     def _kv_budget(self) -> tuple[float, str]:
         opts = self.options
@@ -157,26 +180,158 @@ class Engine:
         torch.cuda.empty_cache()
         return peak
 
-    # -- forward passes -------------------------------------------------------------------------
+    # -- execution -----------------------------------------------------------------------------
+    def tensors(self, plan: StepPlan) -> StepTensors:
+        """A plan's index tensors on the device (for an eager forward)."""
+        dev = self.device
+
+        def up(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
+        tiles = None if plan.decode_only else up(plan.tiles(self.cfg.num_heads // self.cfg.num_kv_heads))
+        return StepTensors(
+            up(plan.positions), [up(s) for s in plan.slots], [up(t) for t in plan.block_tables],
+            up(plan.seq_lens), up(plan.query_start), tiles, up(plan.rows),
+        )  # fmt: skip
+
+    def input_ids(self, plan: StepPlan) -> torch.Tensor:
+        ids = torch.from_numpy(plan.input_ids).to(self.device, non_blocking=True)
+        if (plan.src >= 0).any():
+            src = torch.from_numpy(plan.src).to(self.device, non_blocking=True)
+            ids = torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], ids)
+        return ids
+
     @torch.inference_mode()
-    def _forward(self, plans, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        ids, pos = ids.to(self.device), pos.to(self.device)
-        return self.model(ids, pos, StepView(self.cache, plans), last_only=True)[:, -1]
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """Logits [R, V] of a plan's sampled rows, run eagerly."""
+        t = self.tensors(plan)
+        ctx = PagedStep(self.cache, t, self.cos_sin)
+        return self.model(self.input_ids(plan), t.positions, ctx, rows=t.rows)
 
-    def prefill(self, rows: list[tuple[int, int]], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] after feeding left-padded chunks ids/pos [B, T] of sequences (id, length)."""
-        return self._forward(self.cache.plan(rows, ids.shape[1]), ids, pos)
+    def sample(self, plan: StepPlan, logits: torch.Tensor) -> torch.Tensor:
+        if plan.greedy:
+            return ops.argmax(logits)
+        dev = self.device
+        return sampling.sample(
+            logits, *(torch.from_numpy(a).to(dev) for a in (plan.temperature, plan.top_k, plan.top_p,
+                                                            plan.seed, plan.step)),
+        )  # fmt: skip
 
-    def decode(self, seq_ids: list[int], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per sequence; through a CUDA graph where one is captured."""
-        rows = [(i, 1) for i in seq_ids]
-        key = None
-        if self.graphs is not None:
-            key = self.graphs.pick(len(rows), max(self.cache.seqs[i].written for i in seq_ids))
-        if key is not None:
-            plans = self.cache.plan(rows, 1, self.graphs.widths(key[1]))
-            return self.graphs.run(plans, key, ids, pos)
-        return self._forward(self.cache.plan(rows, 1), ids, pos)
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan):
+        """Run a plan on the device without waiting for it; the result is fetched by `collect`."""
+        tokens, logprobs = None, None
+        want = plan.wants_logprobs
+        if self.graphs is not None and plan.decode_only and want < 0:
+            tokens = self.graphs.run(plan)
+        if tokens is None:
+            logits = self.forward(plan)
+            tokens = self.sample(plan, logits)
+            if want >= 0:  # the chosen tokens' log-probabilities and the top ones (steps that ask: eager)
+                lp = torch.log_softmax(logits.float(), -1)
+                top = lp.topk(max(want, 1), dim=-1)
+                logprobs = (lp.gather(1, tokens[:, None])[:, 0], top.indices, top.values)
+        n = tokens.shape[0]
+        self.last_tokens[:n].copy_(tokens)
+        pinned = self.device.type == "cuda"
+        host = torch.empty(n, dtype=torch.long, pin_memory=pinned)
+        host.copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            logprobs = tuple(t.to("cpu", non_blocking=True) for t in logprobs)
+        event = torch.cuda.Event() if pinned else None
+        if event is not None:
+            event.record()
+        return plan, host, logprobs, event
+
+    def collect(self, inflight) -> list[Request]:
+        plan, host, logprobs, event = inflight
+        if event is not None:
+            event.synchronize()
+        if logprobs is not None:
+            logprobs = tuple(t.tolist() for t in logprobs)
+        return self.scheduler.update(plan, host.tolist(), self.requests, logprobs)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: list[int],
+        params: Sampling | None = None,
+        stop_ids: set[int] | frozenset[int] = frozenset(),
+        on_token: Callable[[Request, int], None] | None = None,
+        seed: int | None = None,
+        logprobs: int | None = None,
+    ) -> Request:
+        """Queue one request (token ids); it joins the running batch at the next step with room.
+        `logprobs` n: also record each chosen token's log-probability and the top n (steps that ask
+        run eagerly, outside CUDA graphs)."""
+        params = params or Sampling()
+        params.check()
+        self.check_prompts([prompt], params)
+        if seed is None:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+        r = Request(self._next_id, list(prompt), params, frozenset(stop_ids), seed, on_token, logprobs)
+        self._next_id += 1
+        self.requests[r.id] = r
+        self.scheduler.add(r)
+        return r
+
+    def abort(self, r: Request):
+        """Cancel a request (queued or running); its KV blocks are free at once."""
+        self.flush()
+        self.scheduler.abort(r)
+        self.requests.pop(r.id, None)
+
+    def step(self) -> list[Request]:
+        """Schedule and launch the next step, then apply the previous one's tokens; the requests that
+        finished. Plans run one step ahead of their results, so the GPU never waits for Python."""
+        plan = self.scheduler.schedule()
+        inflight = self.launch(plan) if plan is not None else None
+        done = self.collect(self._inflight) if self._inflight is not None else []
+        self._inflight = inflight
+        for r in done:
+            self.requests.pop(r.id, None)
+        return done
+
+    def flush(self) -> list[Request]:
+        """Apply the tokens of the step in flight (if any)."""
+        done = self.collect(self._inflight) if self._inflight is not None else []
+        self._inflight = None
+        for r in done:
+            self.requests.pop(r.id, None)
+        return done
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.busy or self._inflight is not None
+
+    # -- steps outside the scheduler (beam search, tests) ----------------------------------------
+    @torch.inference_mode()
+    def forward_logits(self, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Feed tokens to admitted sequences (seq id, tokens), one step; the logits [len(rows), V]
+        after each sequence's last token."""
+        self.flush()
+        seqs = [s for s, _ in rows]
+        lens = [len(t) for _, t in rows]
+        total = sum(lens)
+        ids = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in rows])
+        positions = np.concatenate([np.arange(self.cache.seqs[s].written, self.cache.seqs[s].written + n)
+                                    for s, n in zip(seqs, lens, strict=True)])  # fmt: skip
+        slots = [np.zeros(total, dtype=np.int64) for _ in self.cache.groups]
+        at = 0
+        for s, n in zip(seqs, lens, strict=True):
+            for g, sl in enumerate(self.cache.allocate(s, n)):
+                slots[g][at : at + n] = sl
+            at += n
+        query_start = np.concatenate(([0], np.cumsum(lens))).astype(np.int32)
+        num_decode = len(seqs) if all(n == 1 for n in lens) else 0
+        plan = StepPlan(
+            seqs, num_decode, ids,
+            np.full(total, -1, dtype=np.int64), positions, slots, self.cache.tables(seqs),
+            np.array([self.cache.seqs[s].written for s in seqs], dtype=np.int32), query_start,
+            (query_start[1:] - 1).astype(np.int64), seqs,
+        )  # fmt: skip
+        self.cache.end_step()
+        return self.forward(plan)
 
     # -- public API -----------------------------------------------------------------------------
     def check_prompts(self, prompts: list[list[int]], params: Sampling):
@@ -203,7 +358,8 @@ class Engine:
         num_beams: int = 1,
         length_penalty: float = 1.0,
     ) -> list[Generation]:
-        """Generate for every prompt (token ids), in order; `on_token(index, token)` streams."""
+        """Generate for every prompt (token ids), in order; `on_token(index, token)` streams. With
+        `sampling.seed` S, prompt i draws from seed S + i: its output does not depend on its batch."""
         params = sampling or Sampling()
         params.check()
         self.check_prompts(prompts, params)
@@ -213,9 +369,20 @@ class Engine:
             from exaone.core.engine.beam import beam_search
 
             return [beam_search(self, p, params, stop_ids, num_beams, length_penalty) for p in prompts]
-        from exaone.core.engine.scheduler import run_batching
+        base = params.seed if params.seed is not None else random.getrandbits(62)
+        index: dict[int, int] = {}
 
-        return run_batching(self, prompts, params, stop_ids, on_token)
+        def stream(r: Request, token: int):
+            on_token(index[r.id], token)
+
+        reqs = []
+        for i, p in enumerate(prompts):
+            r = self.add_request(p, params, stop_ids, stream if on_token else None, seed=base + i)
+            index[r.id] = i
+            reqs.append(r)
+        while self.busy:
+            self.step()
+        return [r.generation() for r in reqs]
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:

@@ -116,9 +116,9 @@ def _load_runtime_weights(engine_dir: Path, device: torch.device, packed: dict[s
     if not path.is_file():
         raise ExaoneError(f"{path}: missing (the engine directory is incomplete: rebuild it)")
     state = load_file(str(path), device=str(device))
-    for name, fmt in packed.items():  # before fusing: packed projections stay separate
+    fuse(model, keep=set(packed))  # the runtime layout; packed projections that stay apart stay apart
+    for name, fmt in packed.items():
         tensors = {k.removeprefix(name + "."): t for k, t in state.items() if k.startswith(name + ".")}
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(fmt, tensors))
-    fuse(model)
     return assign(model, state, {}, str(path), device, hint="rebuild the engine")

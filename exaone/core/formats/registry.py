@@ -41,6 +41,9 @@ class Format:
     block: str | None = None  # which block size applies: "awq" (--awq_block_size) or "nvfp4" (16)
     pack: Callable[[Tensors, torch.dtype], Tensors] | None = None  # build time: export -> kernel layout
     linear: Callable[..., torch.Tensor] | None = None  # run time: linear(x, **packed tensors)
+    # packed linears sharing an input (q, k, v; gate, up) -> one with their outputs side by side
+    # (None when their tensors cannot serve one input, e.g. different activation scales)
+    concat: Callable[[list[Tensors]], Tensors | None] | None = None
     fp8_hardware: bool = False  # calibration needs FP8 math on a GPU (sm_89+)
     trtllm: bool = False  # `exaone convert` maps it onto TensorRT-LLM tensors
 
@@ -101,7 +104,7 @@ RECORDS = [
         dequantize=lambda t: qmath.dequantize_fp8(t["weight"], t["weight_scale"]),
         activations=lambda x, t: qmath.fake_quant_fp8(x, t["input_scale"]),
         pack=lambda t, dtype: K.pack_fp8(**_only(t, "weight", "weight_scale", "input_scale")),
-        linear=K.fp8_linear, fp8_hardware=True, trtllm=True,
+        linear=K.fp8_linear, concat=K.concat_fp8, fp8_hardware=True, trtllm=True,
     ),
     Format(
         "int8_sq", "INT8 SmoothQuant: int8 weights per channel, int8 activations per tensor",
@@ -113,7 +116,7 @@ RECORDS = [
         pack=lambda t, dtype: K.pack_int8_sq(
             **_only(t, "weight", "weight_scale", "input_scale", "pre_quant_scale")
         ),
-        linear=K.int8_sq_linear, trtllm=True,
+        linear=K.int8_sq_linear, concat=K.concat_int8_sq, trtllm=True,
     ),
     Format(
         "int4_awq", "INT4 AWQ: 4-bit weights in groups, 16-bit activations", "W4A16_AWQ", "INT4_AWQ_CFG",
@@ -122,7 +125,7 @@ RECORDS = [
         dequantize=lambda t: qmath.dequantize_int4(t["weight"], t["weight_scale"]),
         group=_int4_group, block="awq",
         pack=lambda t, dtype: K.pack_int4(**_only(t, "weight", "weight_scale", "pre_quant_scale")),
-        linear=K.w4a16_linear, trtllm=True,
+        linear=K.w4a16_linear, concat=K.concat_int4, trtllm=True,
     ),
     Format(
         "w4a8_awq", "W4A8 AWQ: 4-bit weights in groups, FP8 activations", "W4A8_AWQ", "W4A8_AWQ_BETA_CFG",
@@ -130,8 +133,8 @@ RECORDS = [
         matches=lambda w, has, out, inn: _int4_packed(w, out, inn) and has("weight_scale_2"),
         dequantize=lambda t: qmath.dequantize_w4a8(t["weight"], t["weight_scale"], t["weight_scale_2"]),
         activations=lambda x, t: qmath.fake_quant_fp8(x, t["input_scale"]),
-        group=_int4_group, block="awq", pack=_pack_w4a8, linear=K.w4a8_linear, fp8_hardware=True,
-        trtllm=True,
+        group=_int4_group, block="awq", pack=_pack_w4a8, linear=K.w4a8_linear, concat=K.concat_fp8,
+        fp8_hardware=True, trtllm=True,
     ),
     Format(
         "nvfp4", "NVFP4: e2m1 weights and activations, e4m3 scale per 16, global scale", "NVFP4",
@@ -153,7 +156,7 @@ RECORDS = [
         matches=lambda w, has, out, inn: w.dtype == torch.int8 and not has("input_scale"),
         dequantize=lambda t: qmath.dequantize_int8(t["weight"], t["weight_scale"]),
         pack=lambda t, dtype: K.pack_int8_wo(**_only(t, "weight", "weight_scale")),
-        linear=K.w8a16_linear, trtllm=True,
+        linear=K.w8a16_linear, concat=K.concat_int8_wo, trtllm=True,
     ),
     Format(
         # Model Optimizer exports it as W4A16_AWQ without pre_quant_scale: a checkpoint reads back as
@@ -164,7 +167,7 @@ RECORDS = [
         dequantize=lambda t: qmath.dequantize_int4(t["weight"], t["weight_scale"]),
         group=_int4_group, block="awq",
         pack=lambda t, dtype: K.pack_int4(**_only(t, "weight", "weight_scale", "pre_quant_scale")),
-        linear=K.w4a16_linear, trtllm=True,
+        linear=K.w4a16_linear, concat=K.concat_int4, trtllm=True,
     ),
     Format(
         "awq_gemm", "AutoAWQ GEMM layout (LG's -AWQ releases), read only", None, None,

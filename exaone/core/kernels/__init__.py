@@ -21,14 +21,18 @@ docs/kernels.md has the layouts, the reasons and H100 timings.
 """
 
 from exaone.core.kernels.dense import dense_linear
-from exaone.core.kernels.fp8 import fp8_linear, pack_fp8
-from exaone.core.kernels.int4 import pack_int4, w4a16_linear
-from exaone.core.kernels.int8_sq import int8_sq_linear, pack_int8_sq
-from exaone.core.kernels.int8_wo import pack_int8_wo, w8a16_linear
+from exaone.core.kernels.fp8 import concat_fp8, fp8_linear, pack_fp8
+from exaone.core.kernels.int4 import concat_int4, pack_int4, w4a16_linear
+from exaone.core.kernels.int8_sq import concat_int8_sq, int8_sq_linear, pack_int8_sq
+from exaone.core.kernels.int8_wo import concat_int8_wo, pack_int8_wo, w8a16_linear
 from exaone.core.kernels.nvfp4 import nvfp4_linear, pack_nvfp4
 from exaone.core.kernels.w4a8 import pack_w4a8, w4a8_linear
 
 __all__ = [
+    "concat_fp8",
+    "concat_int4",
+    "concat_int8_sq",
+    "concat_int8_wo",
     "dense_linear",
     "fp8_linear",
     "int8_sq_linear",

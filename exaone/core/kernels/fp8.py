@@ -12,13 +12,20 @@ import torch.nn.functional as F
 
 from exaone.core import qmath
 from exaone.core.errors import ExaoneError
-from exaone.core.kernels.backend import check_weight, choose, flatten
+from exaone.core.kernels.backend import HAS_TRITON, check_weight, choose, flatten, same
 
 FP8 = torch.float8_e4m3fn
 
 
-def quantize_activations(x: torch.Tensor, scale: torch.Tensor | None = None):
-    """x [M, K] -> (e4m3 [M, K], float32 scale: the given per-tensor one, or per token [M, 1])."""
+def quantize_activations(x: torch.Tensor, scale: torch.Tensor | None = None, pre_quant_scale=None):
+    """x [M, K] (times pre_quant_scale) -> (e4m3 [M, K], float32 scale: the given per-tensor one, or
+    per token [M, 1]); a static scale on a GPU is one fused kernel."""
+    if scale is not None and x.is_cuda and HAS_TRITON:
+        from exaone.core.kernels import triton_ops
+
+        return triton_ops.quantize_static(x, scale.float().reshape(1), pre_quant_scale), scale.float()
+    if pre_quant_scale is not None:
+        x = x * pre_quant_scale.to(x.dtype)
     scale = qmath.token_scale(x, qmath.E4M3_MAX) if scale is None else scale.float()
     return qmath.quantize_fp8(x, scale), scale
 
@@ -34,6 +41,19 @@ def pack_fp8(
     out = {"weight": weight.contiguous(), "weight_scale": weight_scale.float().reshape(-1).contiguous()}
     if input_scale is not None:
         out["input_scale"] = input_scale.float().reshape(()).contiguous()
+    return out
+
+
+def concat_fp8(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    """Packed linears reading one input (q, k, v; gate, up) -> one whose output is theirs side by side,
+    exactly: each keeps its weight scale as per-row scales (the rowwise GEMM). None when their
+    activation scales (or smoothing factors) differ: one quantized input cannot serve them all."""
+    if not same(parts, "input_scale") or not same(parts, "pre_quant_scale"):
+        return None
+    out = {k: v for k, v in parts[0].items() if k not in ("weight", "weight_scale")}
+    out["weight"] = torch.cat([p["weight"] for p in parts])
+    out["weight_scale"] = torch.cat([p["weight_scale"].float().reshape(-1).expand(p["weight"].shape[0])
+                                     for p in parts]).contiguous()  # fmt: skip
     return out
 
 
@@ -70,10 +90,11 @@ def fp8_linear(
     input_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     backend: str = "auto",
+    pre_quant_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = dq(q(x)) @ dq(W).T + bias, in x's dtype."""
+    """y = dq(q(x * pre_quant_scale)) @ dq(W).T + bias, in x's dtype."""
     x2, lead = flatten(x)
-    xq, x_scale = quantize_activations(x2, input_scale)
+    xq, x_scale = quantize_activations(x2, input_scale, pre_quant_scale)
     n, k = weight.shape
     if (
         choose(x, backend, cpu_ok=True) == "reference" or k % 16 or n % 16

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from exaone.core import qmath
 from exaone.core.errors import ExaoneError
-from exaone.core.kernels.backend import check_weight, choose, flatten
+from exaone.core.kernels.backend import check_weight, choose, flatten, same
 
 PACK_K = 128
 
@@ -54,12 +54,58 @@ def pack_int4(
     return out
 
 
+def concat_int4(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    """Side-by-side outputs: [K/2, N] nibbles and [K/G, N] scales concatenate along N, exactly; None
+    when the AWQ smoothing factors differ (one scaled input cannot serve them all)."""
+    if not same(parts, "pre_quant_scale") or len({p["scales"].shape[0] for p in parts}) != 1:
+        return None
+    out = {"qweight": torch.cat([p["qweight"] for p in parts], 1).contiguous(),
+           "scales": torch.cat([p["scales"] for p in parts], 1).contiguous()}  # fmt: skip
+    if "pre_quant_scale" in parts[0]:
+        out["pre_quant_scale"] = parts[0]["pre_quant_scale"]
+    return out
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Kernel layout -> dense [N, K] weight in ``dtype``."""
     codes = unpack_nibbles(qweight).to(torch.int8)
     q = torch.where(codes > 7, codes - 16, codes).float()
     group = q.shape[1] // scales.shape[0]
     return (q * scales.t().repeat_interleave(group, dim=1)).to(dtype)
+
+
+# torch's tinygemm (aten._weight_int4pack_mm: bf16 activations, int4 weights, bf16 scales) streams the
+# weights of a decode step near bandwidth where our Triton kernel does not (docs/kernels.md); it is
+# poor at large M, so it takes only the small batches. Its tensors are made from ours on the first
+# call and kept on the weight tensor (a copy of the int4 bytes; the Triton layout stays for larger
+# batches), checked once against the reference, and used only if they agree.
+TINYGEMM_MAX_M = 16
+_TINY_STATE = {"ok": None}
+
+
+def _tinygemm(qweight: torch.Tensor, scales: torch.Tensor, group: int):
+    if getattr(qweight, "_tinygemm", None) is None:
+        codes = unpack_nibbles(qweight).to(torch.int16)  # [N, K] two's-complement nibbles
+        w_int = (torch.where(codes > 7, codes - 16, codes) + 8).to(torch.uint8)  # (q + 8) in 0..15
+        packed = (w_int[:, ::2] << 4 | w_int[:, 1::2]).contiguous()
+        w = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+        # dequantized as (w_int - 8) * scale + zero: zero 0 gives our symmetric q * scale
+        sz = torch.stack((scales, torch.zeros_like(scales)), dim=-1).to(torch.bfloat16).contiguous()
+        qweight._tinygemm = (w, sz, group)
+    return qweight._tinygemm
+
+
+def _tinygemm_usable(x2, qweight, scales, group) -> bool:
+    if _TINY_STATE["ok"] is None:  # once: tinygemm against the reference on this GPU and torch
+        try:
+            w, sz, _ = _tinygemm(qweight, scales, group)
+            probe = torch.randn(3, x2.shape[1], device=x2.device, dtype=torch.bfloat16)
+            got = torch.ops.aten._weight_int4pack_mm(probe, w, group, sz).float()
+            want = F.linear(probe, dequantize(qweight, scales, torch.bfloat16)).float()
+            _TINY_STATE["ok"] = bool(((got - want).norm() / want.norm()) < 1e-2)
+        except RuntimeError:
+            _TINY_STATE["ok"] = False
+    return _TINY_STATE["ok"]
 
 
 def w4a16_linear(
@@ -80,5 +126,12 @@ def w4a16_linear(
 
     x2, lead = flatten(x)
     group = x2.shape[1] // scales.shape[0]
-    y = dequant_gemm(x2, qweight, scales, INT4, group, pre_quant_scale=pqs, bias=bias, config=config)
+    tiny = (config is None and x2.is_cuda and x2.dtype == torch.bfloat16 and x2.shape[0] <= TINYGEMM_MAX_M
+            and group in (32, 64, 128, 256) and _tinygemm_usable(x2, qweight, scales, group))  # fmt: skip
+    if tiny:
+        w, sz, g = _tinygemm(qweight, scales, group)
+        y = torch.ops.aten._weight_int4pack_mm(x2 * pqs if pqs is not None else x2, w, g, sz)
+        y = y + bias if bias is not None else y
+    else:
+        y = dequant_gemm(x2, qweight, scales, INT4, group, pre_quant_scale=pqs, bias=bias, config=config)
     return y.reshape(*lead, -1)

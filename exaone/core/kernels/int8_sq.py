@@ -13,11 +13,19 @@ import torch.nn.functional as F
 
 from exaone.core import qmath
 from exaone.core.errors import ExaoneError
-from exaone.core.kernels.backend import check_weight, choose, flatten
+from exaone.core.kernels.backend import HAS_TRITON, check_weight, choose, flatten, same
 
 
-def quantize_activations(x: torch.Tensor, scale: torch.Tensor | None = None):
-    """x [M, K] -> (int8 [M, K], float32 scale: the given per-tensor one, or per token [M, 1])."""
+def quantize_activations(x: torch.Tensor, scale: torch.Tensor | None = None, pre_quant_scale=None):
+    """x [M, K] (times pre_quant_scale) -> (int8 [M, K], float32 scale: the given per-tensor one, or
+    per token [M, 1]); a static scale on a GPU is one fused kernel."""
+    if scale is not None and x.is_cuda and HAS_TRITON:
+        from exaone.core.kernels import triton_ops
+
+        xq = triton_ops.quantize_static(x, scale.float().reshape(1), pre_quant_scale, int8=True)
+        return xq, scale.float()
+    if pre_quant_scale is not None:
+        x = x * pre_quant_scale.to(x.dtype)
     scale = qmath.token_scale(x, qmath.INT8_MAX) if scale is None else scale.float()
     return qmath.quantize_int8(x, scale), scale
 
@@ -44,6 +52,17 @@ def pack_int8_sq(
     return out
 
 
+def concat_int8_sq(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    """Side-by-side outputs (per-row scales concatenate exactly); None when activation scales or
+    smoothing factors differ."""
+    if not same(parts, "input_scale") or not same(parts, "pre_quant_scale"):
+        return None
+    out = dict(parts[0])
+    out["weight"] = torch.cat([p["weight"] for p in parts])
+    out["weight_scale"] = torch.cat([p["weight_scale"] for p in parts])
+    return out
+
+
 def int_mm(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """int8 [M, K] x int8 [N, K]^T -> int32 [M, N] on cuBLAS; rows padded to _int_mm's M > 16, M % 8."""
     m = xq.shape[0]
@@ -63,9 +82,7 @@ def int8_sq_linear(
 ) -> torch.Tensor:
     """y = (q(x * s) @ Wq.T) * input_scale * weight_scale + bias, in x's dtype."""
     x2, lead = flatten(x)
-    if pre_quant_scale is not None:
-        x2 = x2 * pre_quant_scale.to(x.dtype)
-    xq, x_scale = quantize_activations(x2, input_scale)
+    xq, x_scale = quantize_activations(x2, input_scale, pre_quant_scale)
     n, k = weight.shape
     if choose(x, backend, cpu_ok=True) == "reference" or k % 8 or n % 8:  # _int_mm needs K, N multiples of 8
         acc = (xq.double() @ weight.double().t()).float()  # exact: int8 products summed in float64

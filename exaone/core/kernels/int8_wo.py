@@ -14,6 +14,12 @@ def pack_int8_wo(weight: torch.Tensor, weight_scale: torch.Tensor) -> dict[str, 
     return {"qweight": weight.t().contiguous(), "scales": weight_scale.float().reshape(1, -1).contiguous()}
 
 
+def concat_int8_wo(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Side-by-side outputs: [K, N] weights and [1, N] scales concatenate along N, exactly."""
+    return {"qweight": torch.cat([p["qweight"] for p in parts], 1).contiguous(),
+            "scales": torch.cat([p["scales"] for p in parts], 1).contiguous()}  # fmt: skip
+
+
 def w8a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,

@@ -54,6 +54,4 @@ def w4a8_linear(
     backend: str = "auto",
 ) -> torch.Tensor:
     """y = fp8(x * pre_quant_scale) @ W.T + bias with the packed fp8 weight, in x's dtype."""
-    if pre_quant_scale is not None:
-        x = x * pre_quant_scale.to(x.dtype)
-    return fp8_linear(x, weight, weight_scale, input_scale, bias, backend=backend)
+    return fp8_linear(x, weight, weight_scale, input_scale, bias, backend, pre_quant_scale=pre_quant_scale)

@@ -22,9 +22,9 @@ class Block(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope_cs, cache):
-        x = x + self.post_attention_layernorm(self.self_attn(x, positions, rope_cs, cache))
-        return x + self.post_feedforward_layernorm(self.mlp(x))
+    def forward(self, x, residual, positions, rope, ctx):
+        x = self.post_attention_layernorm.add_after(self.self_attn(x, positions, rope, ctx), x)
+        return self.post_feedforward_layernorm.add_after(self.mlp(x), x), None  # x is the residual stream
 
 
 class Exaone4ForCausalLM(CausalLM):

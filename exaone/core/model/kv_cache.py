@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 
 from exaone.core.config import ModelConfig
+from exaone.core.kernels import ops
+from exaone.core.model.layers import Context
 
 
-class KVCache:
+class KVCache(Context):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -65,6 +67,13 @@ class KVCache:
         vc[:, :, cols] = v[:, :, t - keep :]
         pc[:, cols] = positions[:, t - keep :]
         return k_all, v_all, p_all
+
+    def attention(self, attn, q, k, v, positions, rope) -> torch.Tensor:
+        """q [B, T, H, D], k, v [B, T, Hkv, D]: store k, v and attend over what the cache holds."""
+        q, k = attn.reference_qk(q, k, rope)
+        k_all, v_all, k_pos = self.update(attn.layer, k.transpose(1, 2), v.transpose(1, 2), positions)
+        out = ops.masked_attention(q.transpose(1, 2), k_all, v_all, positions, k_pos, attn.window, attn.scale)
+        return out.transpose(1, 2)
 
     def advance(self, t: int):
         self.length += t

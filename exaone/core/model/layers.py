@@ -1,9 +1,20 @@
-"""Layers shared by every EXAONE family: RMSNorm, RoPE, attention over a KV cache, gated MLP.
+"""Layers shared by every EXAONE family: RMSNorm, RoPE, attention, gated MLP, the causal LM.
 
 Module names follow the transformers Llama/EXAONE-4 layout (`self_attn.q_proj`, `mlp.gate_proj`,
-...); each family maps its checkpoint names onto them with a table (see `rename` in the family
+...); each family maps its checkpoint names onto them with a table (see `RENAME` in the family
 modules). The math follows transformers closely (RMSNorm in fp32, RoPE cos/sin in fp32 then cast)
-so that logits match the reference within float rounding.
+so that logits match the reference within float rounding; the small operations are
+exaone/core/kernels/ops.py's, which run fused Triton kernels on a GPU.
+
+Blocks pass the residual stream beside the hidden state (as vLLM does), so a norm can fuse the
+residual add before it (`RMSNorm.add`, pre-norm) or after it (`RMSNorm.add_after`, post-norm).
+
+Where keys and values go is the context's business: `Attention` projects q, k, v and hands them,
+with itself, to `ctx.attention(...)`. `Context` (no cache: attend within the tokens given) and
+`KVCache` (kv_cache.py) do it with the reference math in `Attention.reference_qk` and
+`ops.masked_attention`; the engine's step context (exaone/core/engine) with its fused kernels over
+the paged cache. Shapes are [B, T, ...] for the reference contexts, [T, ...] (tokens of many
+sequences packed) for the engine.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exaone.core.config import ModelConfig
-from exaone.core.model.kv_cache import KVCache
+from exaone.core.kernels import ops
 
 
 class RMSNorm(nn.Module):
@@ -25,10 +36,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the pre-norm residual add fused with the norm."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+    def add_after(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + norm(x): the post-norm (EXAONE-4) residual add fused with the norm."""
+        return ops.rms_norm_add(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -52,33 +68,23 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape [B, 1, T, head_dim] for positions [B, T] (padding, -1, gets position 0)."""
-    freqs = positions.clamp(min=0).float()[..., None] * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+class Context:
+    """Attention without a cache: the tokens given attend to each other ([B, T, ...] shapes)."""
 
+    def rope(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+        cos, sin = ops.rope_cos_sin(positions, inv_freq, dtype)
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    def attention(self, attn: Attention, q, k, v, positions, rope) -> torch.Tensor:
+        q, k = attn.reference_qk(q, k, rope)
+        out = ops.masked_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions, positions, attn.window,
+            attn.scale,
+        )  # fmt: skip
+        return out.transpose(1, 2)
 
-
-def attend(q, k, v, q_pos, k_pos, window: int | None, scale: float) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention decided by positions, not by slots.
-
-    q [B, H, T, D]; k, v [B, Hkv, S, D]; q_pos [B, T], k_pos [B, S]; position -1 marks padding
-    or an empty cache slot. A key is visible when 0 <= k_pos <= q_pos and q_pos - k_pos < window.
-    """
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        mask &= (qp - kp) < window
-    mask |= ~mask.any(-1, keepdim=True)  # padding queries see something, avoiding NaN; ignored later
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-    )
+    def advance(self, t: int):
+        pass
 
 
 class Attention(nn.Module):
@@ -98,26 +104,30 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
     def project_qkv(self, x):
-        """q, k, v projections [B, T, *]; the engine's runtime layout overrides this with one fused GEMM."""
+        """q, k, v projections [..., *]; the engine's runtime layout overrides this with one fused GEMM."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x, positions, rope_cs, cache: KVCache | None):
-        b, t, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    def reference_qk(self, q, k, rope):
+        """q/k RMSNorm (EXAONE-4, K-EXAONE) then RoPE (not on NoPE layers), q [..., H, D]."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
-            q, k = apply_rope(q, *rope_cs), apply_rope(k, *rope_cs)
-        if cache is None:
-            k_all, v_all, k_pos = k, v, positions
-        else:
-            k_all, v_all, k_pos = cache.update(self.layer, k, v, positions)
-        out = attend(q, k_all, v_all, positions, k_pos, self.window, self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            q, k = ops.apply_rope(q, *rope), ops.apply_rope(k, *rope)
+        return q, k
+
+    def forward(self, x, positions, rope, ctx: Context):
+        lead = x.shape[:-1]
+        q, k, v = self.project_qkv(x)
+        q = q.view(*lead, self.num_heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
+        out = ctx.attention(self, q, k, v, positions, rope)
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
 
 class GatedMLP(nn.Module):
@@ -154,20 +164,26 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Context | None = None,
         last_only: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T] at positions [B, T]."""
+        """Logits for input_ids [B, T] at positions [B, T]: [B, T, V], or [B, 1, V] with last_only.
+        The engine passes packed tokens [T] and `rows`, the token rows whose logits it needs ([R, V])."""
+        ctx = cache if cache is not None else Context()
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-            positions = positions.expand(input_ids.shape[0], -1)
+            start = getattr(cache, "length", 0)
+            positions = torch.arange(start, start + input_ids.shape[-1], device=input_ids.device)
+            positions = positions.expand(input_ids.shape)
         h = self.model.embed_tokens(input_ids)
-        rope_cs = rope_cos_sin(positions, self.inv_freq, h.dtype)
+        rope = ctx.rope(positions, self.inv_freq, h.dtype)
+        residual = None
         for block in self.model.layers:
-            h = block(h, positions, rope_cs, cache)
-        if cache is not None:
-            cache.advance(input_ids.shape[1])
+            h, residual = block(h, residual, positions, rope, ctx)
+        ctx.advance(input_ids.shape[-1])
         if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
+            h, residual = h[:, -1:], residual[:, -1:] if residual is not None else None
+        if rows is not None:
+            h, residual = h[rows], residual[rows] if residual is not None else None
+        h = self.model.norm(h) if residual is None else self.model.norm.add(h, residual)[0]
+        return self.lm_head(h)
