@@ -199,3 +199,49 @@ def default_model_dir(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EXAONE_CACHE", str(tmp_path_factory.mktemp("exaone-cache-shared")))
         return ensure_default_model(lambda _msg: None)
+
+
+def run_interpreted(test_file: str) -> dict:
+    """Run a test module as a child process under TRITON_INTERPRET=1 (it must be set before triton is
+    imported); the child runs its checks (`interpreted_checks`) and prints {name: "ok" | error}."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo))
+    done = subprocess.run([sys.executable, test_file], env=env, cwd=repo, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def interpreted_checks(checks: dict) -> None:
+    """The child's side of run_interpreted: run every check, print the results as one JSON line."""
+    import json
+    import traceback
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for name, check in checks.items():
+        try:
+            check()
+            results[name] = "ok"
+        except Exception as e:  # reported by the parent, one test per check
+            results[name] = f"{type(e).__name__}: {e} {traceback.format_exc()[-600:]}"
+    print(json.dumps(results))
+
+
+def interpreted_test(checks: dict, test_file: str):
+    """A test, one case per check, of `checks` run under the Triton interpreter in one child process
+    (the module runs `interpreted_checks(checks)` as its __main__)."""
+    results: dict = {}
+
+    @pytest.mark.parametrize("name", list(checks))
+    def test(name):
+        if not results:
+            results.update(run_interpreted(test_file))
+        assert results[name] == "ok", results[name]
+
+    return test

@@ -4,14 +4,12 @@ triton is imported); GPU runs of the same checks: tests/test_gpu_kernels.py."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import interpreted_checks, interpreted_test
 
 REPO = Path(__file__).resolve().parents[1]
 BF, F32 = torch.bfloat16, torch.float32
@@ -187,31 +185,8 @@ _CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    done = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("name", list(_CHECKS))
-def test_fused_kernel_interpreted(interpreted, name):
-    assert interpreted[name] == "ok", interpreted[name]
+test_fused_kernel_interpreted = interpreted_test(_CHECKS, __file__)
 
 
 if __name__ == "__main__":  # the child: TRITON_INTERPRET=1 is set before triton is imported
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    results = {}
-    for check_name, check in _CHECKS.items():
-        try:
-            check()
-            results[check_name] = "ok"
-        except Exception as e:  # reported by the parent, one test per check
-            import traceback
-
-            results[check_name] = f"{type(e).__name__}: {e} {traceback.format_exc()[-600:]}"
-    print(json.dumps(results))
+    interpreted_checks(_CHECKS)

@@ -8,15 +8,12 @@ below are executed there and each one is reported here as its own test.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import interpreted_checks, interpreted_test
 
 from exaone.core import kernels as K
 from exaone.core import qmath as formats
@@ -374,29 +371,8 @@ _INTERP_CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    done = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("name", list(_INTERP_CHECKS))
-def test_triton_kernel_interpreted(interpreted, name):
-    assert interpreted[name] == "ok", interpreted[name]
+test_triton_kernel_interpreted = interpreted_test(_INTERP_CHECKS, __file__)
 
 
 if __name__ == "__main__":  # the child: TRITON_INTERPRET=1 is set before triton is imported
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    results = {}
-    for check_name, check in _INTERP_CHECKS.items():
-        try:
-            check()
-            results[check_name] = "ok"
-        except Exception as e:  # reported by the parent, one test per check
-            results[check_name] = f"{type(e).__name__}: {e}"
-    print(json.dumps(results))
+    interpreted_checks(_INTERP_CHECKS)

@@ -98,35 +98,8 @@ def _finish(report: dict, json_out: bool, plot: Path | None, output: Path | None
                   f"{e['kv_cache_tokens']} tokens, weights {e['weight_bytes'] / 1e9:.2f} GB[/dim]")
 
 
-@bench_app.command("latency")
-def latency(
-    model: ModelArg = None,
-    shape: ShapeOpt = "exaone-3.5-7.8b",
-    layers: LayersOpt = None,
-    formats: FormatsOpt = None,
-    kv_cache_dtype: KvOpt = "auto",
-    input_len: Annotated[int, typer.Option(*flag("input_len"), min=1, help="Prompt tokens.")] = 128,
-    output_len: Annotated[int, typer.Option(*flag("output_len"), min=2, help="Generated tokens.")] = 128,
-    ttft_len: TtftOpt = 2048,
-    compare: CompareOpt = None,
-    workdir: WorkdirOpt = Path("/tmp/exaone-bench"),
-    cuda_graphs: GraphsOpt = True,
-    plot: PlotOpt = None,
-    output: OutputOpt = None,
-    json_out: JsonOpt = False,
-):
-    """Batch-1 decode: tokens/s, time to first token, inter-token latency p50/p99."""
-    from exaone.eval.bench import benchmark
-
-    err = Console(stderr=True, highlight=False)
-    opts = _options(model, shape, layers, formats, kv_cache_dtype, [f"{input_len}/{output_len}"], ["1"],
-                    ttft_len, compare, workdir, cuda_graphs, output)  # fmt: skip
-    report = benchmark(opts, "latency", say=lambda m: err.print(f"[dim]{m}[/dim]"))
-    _finish(report, json_out, plot, output, err)
-
-
-@bench_app.command("throughput")
-def throughput(
+def bench(
+    ctx: typer.Context,
     model: ModelArg = None,
     shape: ShapeOpt = "exaone-3.5-7.8b",
     layers: LayersOpt = None,
@@ -136,11 +109,13 @@ def throughput(
         list[str] | None, typer.Option(*flag("lengths"), help="INPUT/OUTPUT pairs, e.g. 128/128,1024/256.")
     ] = None,
     batch: Annotated[
-        list[str] | None, typer.Option(*flag("batch"), help="Batch sizes, e.g. 1,8,64,256,max (max: fits).")
+        list[str] | None,
+        typer.Option(*flag("batch"), help="throughput: batch sizes, e.g. 1,8,64,256,max (max: what fits)."),
     ] = None,
     ttft_len: Annotated[
-        int, typer.Option(*flag("ttft_len"), min=0, help="Also time a prompt of this many tokens (0: no).")
-    ] = 0,
+        int | None,
+        typer.Option(*flag("ttft_len"), min=0, help="Also time a prompt this long (latency: 2048)."),
+    ] = None,
     compare: CompareOpt = None,
     workdir: WorkdirOpt = Path("/tmp/exaone-bench"),
     cuda_graphs: GraphsOpt = True,
@@ -148,14 +123,27 @@ def throughput(
     output: OutputOpt = None,
     json_out: JsonOpt = False,
 ):
-    """Output tokens/s of batches started together, at each batch size and length pair."""
+    from exaone.core.errors import OptionError
     from exaone.eval.bench import benchmark
 
+    kind = ctx.info_name
+    if kind == "latency" and batch:
+        raise OptionError("batch", batch[0], "latency measures one sequence; use `exaone bench throughput`")
+    ttft = ttft_len if ttft_len is not None else (2048 if kind == "latency" else 0)
+    batches = ["1"] if kind == "latency" else (batch or ["1,8,64,256,max"])
+    opts = _options(model, shape, layers, formats, kv_cache_dtype, lengths or ["128/128"], batches, ttft,
+                    compare, workdir, cuda_graphs, output)  # fmt: skip
     err = Console(stderr=True, highlight=False)
-    opts = _options(model, shape, layers, formats, kv_cache_dtype, lengths or ["128/128"],
-                    batch or ["1,8,64,256,max"], ttft_len, compare, workdir, cuda_graphs, output)  # fmt: skip
-    report = benchmark(opts, "throughput", say=lambda m: err.print(f"[dim]{m}[/dim]"))
+    report = benchmark(opts, kind, say=lambda m: err.print(f"[dim]{m}[/dim]"))
     _finish(report, json_out, plot, output, err)
+
+
+bench_app.command(
+    "latency", help="One sequence: decode tokens/s, time to first token, inter-token latency p50/p99."
+)(bench)
+bench_app.command(
+    "throughput", help="Output tokens/s of batches started together, at each batch size and length pair."
+)(bench)
 
 
 def register(app: typer.Typer):

@@ -19,7 +19,7 @@ import torch
 
 from exaone.core import model as models
 from exaone.core.config import ModelConfig, load_config
-from exaone.core.errors import ExaoneError, OptionError
+from exaone.core.errors import OptionError
 from exaone.core.formats.detect import quantization_method, swap_quantized_linears
 from exaone.core.io import checkpoint
 from exaone.core.model.layers import CausalLM, rope_inv_freq
@@ -156,28 +156,9 @@ def assign(
     expected.pop("inv_freq")
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    missing = [n for n in expected if n not in state]
-    if missing:
-        raise ExaoneError(
-            f"{where}: checkpoint lacks tensor for {missing[0]}{_more(missing)}; {hint}"
-        )
-    unexpected = [n for n in state if n not in expected]
-    if unexpected:
-        at = origin.get(unexpected[0], unexpected[0])
-        raise ExaoneError(
-            f"{where}: unexpected tensor {at}{_more(unexpected)} for a {cfg.architecture} checkpoint"
-        )
-    for name, param in expected.items():
-        if tuple(state[name].shape) != tuple(param.shape):
-            raise ExaoneError(
-                f"{where}: tensor {origin.get(name, name)} has shape {list(state[name].shape)}, "
-                f"expected {list(param.shape)} from config.json"
-            )
+    shapes = {n: tuple(t.shape) for n, t in expected.items()}
+    models.check_tensors(shapes, {n: tuple(t.shape) for n, t in state.items()}, origin, cfg, where, hint)
     model.load_state_dict(state, strict=False, assign=True)
     model.inv_freq = rope_inv_freq(cfg).to(device)
     model.tie_weights()
     return model.eval()
-
-
-def _more(items: list) -> str:
-    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""

@@ -53,23 +53,7 @@ def check_tensors(model_dir: str | Path, cfg: ModelConfig | None = None) -> tupl
     if quant is not None:
         _check_modules(model_dir, cfg, expected, found, origin)
         return len(infos), quant
-    missing = [n for n in expected if n not in found]
-    if missing:
-        raise ExaoneError(
-            f"{model_dir}: checkpoint lacks tensor {missing[0]}{_more(missing)}; does config.json match?"
-        )
-    unexpected = [n for n in found if n not in expected]
-    if unexpected:
-        where = origin.get(unexpected[0], unexpected[0])
-        raise ExaoneError(
-            f"{model_dir}: unexpected tensor {where}{_more(unexpected)} for a {cfg.architecture} checkpoint"
-        )
-    for name, shape in expected.items():
-        if found[name] != shape:
-            raise ExaoneError(
-                f"{model_dir}: tensor {origin.get(name, name)} has shape {list(found[name])}, "
-                f"expected {list(shape)} from config.json"
-            )
+    models.check_tensors(expected, found, origin, cfg, str(model_dir))
     return len(infos), None
 
 

@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 
 from exaone.core.config import ModelConfig
+from exaone.core.errors import ExaoneError
 from exaone.core.model import exaone3, exaone4, exaone_moe
 from exaone.core.model.layers import CausalLM
 
@@ -81,3 +82,32 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     return expected
+
+
+def check_tensors(
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    origin: dict[str, str],
+    cfg: ModelConfig,
+    where: str,
+    hint: str = "does config.json match?",
+):
+    """Raise unless `found` (module name -> shape) holds exactly the `expected` tensors and shapes."""
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise ExaoneError(f"{where}: checkpoint lacks tensor for {missing[0]}{_more(missing)}; {hint}")
+    unexpected = [n for n in found if n not in expected]
+    if unexpected:
+        at = origin.get(unexpected[0], unexpected[0])
+        arch = cfg.architecture
+        raise ExaoneError(f"{where}: unexpected tensor {at}{_more(unexpected)} for a {arch} checkpoint")
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise ExaoneError(
+                f"{where}: tensor {origin.get(name, name)} has shape {list(found[name])}, "
+                f"expected {list(shape)} from config.json"
+            )
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
-
 from exaone.core.config import ModelConfig
-from exaone.core.model.layers import Attention, CausalLM, GatedMLP, RMSNorm
+from exaone.core.model.layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm
 
 # Checkpoint name prefix <-> module name prefix (= transformers' LlamaForCausalLM names); {} is the layer.
 _PREFIXES = [
@@ -33,7 +31,7 @@ RENAME = _regexes(_PREFIXES)  # checkpoint name -> module name (regex, replaceme
 RENAME_BACK = _regexes([(mod, ckpt) for ckpt, mod in _PREFIXES])  # module name -> checkpoint name
 
 
-class Block(nn.Module):
+class Block(PreNormBlock):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -42,15 +40,6 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x, residual, positions, rope, ctx):
-        if residual is None:  # the first layer: the residual stream starts as the embedding
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm.add(x, residual)
-        h = self.self_attn(h, positions, rope, ctx)
-        h, residual = self.post_attention_layernorm.add(h, residual)
-        return self.mlp(h), residual
 
 
 class Exaone3ForCausalLM(CausalLM):

@@ -16,7 +16,7 @@ from torch import nn
 
 from exaone.core.config import ModelConfig
 from exaone.core.errors import ExaoneError
-from exaone.core.model.layers import Attention, CausalLM, GatedMLP, RMSNorm
+from exaone.core.model.layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm
 
 # Checkpoints keep the router bias beside the router (`mlp.e_score_correction_bias`).
 RENAME = [(r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias")]
@@ -71,7 +71,7 @@ class SparseMoE(nn.Module):
         return out.view(x.shape) + self.shared_experts(x)
 
 
-class Block(nn.Module):
+class Block(PreNormBlock):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)), the MLP dense or sparse per layer."""
 
     def __init__(self, cfg: ModelConfig, layer: int, sparse: bool | None = None):
@@ -82,15 +82,6 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer, qk_norm=True)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoE(cfg) if sparse else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x, residual, positions, rope, ctx):
-        if residual is None:  # the first layer: the residual stream starts as the embedding
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm.add(x, residual)
-        h = self.self_attn(h, positions, rope, ctx)
-        h, residual = self.post_attention_layernorm.add(h, residual)
-        return self.mlp(h), residual
 
 
 class MTP(nn.Module):

@@ -141,6 +141,19 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class PreNormBlock(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)) (EXAONE-3, K-EXAONE); families build the modules."""
+
+    def forward(self, x, residual, positions, rope, ctx):
+        if residual is None:  # the first layer: the residual stream starts as the embedding
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add(x, residual)
+        h = self.self_attn(h, positions, rope, ctx)
+        h, residual = self.post_attention_layernorm.add(h, residual)
+        return self.mlp(h), residual
+
+
 class CausalLM(nn.Module):
     """Embedding -> decoder blocks -> final norm -> lm_head. Families supply the block class."""
 
