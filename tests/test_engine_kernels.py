@@ -127,6 +127,23 @@ def _attention_case(g_heads: int, dim: int, bs: int, window, kv: str, decode: bo
     assert rel(got, ref) < 2e-2, (g_heads, d, bs, window, kv, decode, splits, rel(got, ref))
 
 
+def _moe(dtype, t: int = 9, experts: int = 8, top_k: int = 3, hidden: int = 64, inter: int = 48):
+    """The fused MoE kernels against the per-expert reference: some experts get no token, some many."""
+    from exaone.core.kernels import ops
+
+    g = torch.Generator().manual_seed(6)
+    x = d(torch.randn(t, hidden, generator=g).to(dtype))
+    w13 = d((torch.randn(experts, 2 * inter, hidden, generator=g) * 0.1).to(dtype))
+    w2 = d((torch.randn(experts, hidden, inter, generator=g) * 0.1).to(dtype))
+    choice = torch.stack([torch.randperm(experts - 2, generator=g)[:top_k] for _ in range(t)])  # 2 unused
+    choice[0] = torch.tensor([0, 1, 2])
+    weights = d(torch.rand(t, top_k, generator=g))
+    choice = d(choice)
+    got = ops.fused_moe(x, w13, w2, choice, weights, backend="triton")
+    want = ops.fused_moe(x, w13, w2, choice, weights, backend="reference")
+    assert got.dtype == x.dtype and rel(got, want) < (1e-5 if dtype == F32 else 1e-2), rel(got, want)
+
+
 def _engine_end_to_end(family: str, kv: str = "auto"):
     """The whole engine on the Triton kernels (norms, RoPE + store, paged attention, silu) equals the
     reference generate(), greedy, with chunked prefill, batching and CUDA-graph-style decode steps."""
@@ -134,7 +151,7 @@ def _engine_end_to_end(family: str, kv: str = "auto"):
 
     os.environ["EXAONE_KERNELS"] = "triton"
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import exaone3_checkpoint, exaone4_checkpoint
+    from conftest import exaone3_checkpoint, exaone4_checkpoint, exaone_moe_reference
 
     from exaone.build.builder import BuildOptions, build
     from exaone.core.engine import load_engine
@@ -144,7 +161,10 @@ def _engine_end_to_end(family: str, kv: str = "auto"):
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
-        (exaone3_checkpoint if family == "exaone3" else exaone4_checkpoint)(ckpt)
+        if family == "exaone_moe":
+            exaone_moe_reference().save_pretrained(ckpt)
+        else:
+            (exaone3_checkpoint if family == "exaone3" else exaone4_checkpoint)(ckpt)
         opts = BuildOptions(max_batch_size=4, max_input_len=40, max_seq_len=64, max_num_tokens=24,
                             tokens_per_block=8, kv_cache_dtype=kv)  # fmt: skip
         engine = load_engine(build(ckpt, Path(tmp) / "engine", opts, say=lambda _: None))
@@ -179,7 +199,10 @@ _CHECKS = {
     "prefill_gqa4": lambda: _attention_case(4, 64, 16, None, "bf16", False),
     "prefill_gqa3_window_bs4": lambda: _attention_case(3, 64, 4, 5, "bf16", False),
     "prefill_gqa5_head80_int8": lambda: _attention_case(5, 80, 16, None, "int8", False),
+    "moe_fp32": lambda: _moe(F32),
+    "moe_bf16_many_tokens": lambda: _moe(BF, t=40),
     "engine_exaone3": lambda: _engine_end_to_end("exaone3"),
+    "engine_k_exaone_fused_moe": lambda: _engine_end_to_end("exaone_moe"),
     "engine_exaone4_sliding_nope": lambda: _engine_end_to_end("exaone4"),
     "engine_exaone4_fp8_kv": lambda: _engine_end_to_end("exaone4", "fp8"),
 }

@@ -9,8 +9,9 @@ nothing). Attention splits long contexts across programs (split-KV) only where a
 enough to need it: each size has a graph without splits (contexts up to LONG tokens) and one with
 them. Greedy short-context graphs are captured when the engine loads; the others (the full sampler:
 sort, top-k / top-p, Gumbel noise; long contexts) the first time a step needs them. On the CPU the
-same static-buffer path runs eagerly (how the tests check it). MoE models (data-dependent expert
-routing) run eagerly.
+same static-buffer path runs eagerly (how the tests check it). K-EXAONE's MoE layers run the fused
+kernels (layout.FusedSparseMoE), whose routing never synchronizes with the host; only MoE layers with
+quantized experts (the per-expert path) keep an engine eager.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from exaone.core import sampling
 from exaone.core.engine.step import PagedStep, StepPlan, StepTensors
 from exaone.core.kernels import ops
+from exaone.core.model.exaone_moe import SparseMoE
 
 LONG = 512  # contexts up to this many tokens decode without split-KV (its reduction costs more)
 
@@ -33,8 +35,8 @@ def decode_splits(batch: int, kv_heads: int, sms: int) -> int:
 class DecodeGraphs:
     @classmethod
     def capture(cls, engine, batch_sizes: list[int]) -> DecodeGraphs | None:
-        if engine.cfg.family == "exaone_moe":
-            engine.graphs_off_reason = "MoE routing is data-dependent"
+        if any(isinstance(m, SparseMoE) for m in engine.model.modules()):
+            engine.graphs_off_reason = "MoE layers with quantized experts route on the host"
             return None
         sizes = sorted({b for b in batch_sizes if 0 < b <= engine.max_batch_size})
         if not sizes:

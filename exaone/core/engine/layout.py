@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from exaone.core.kernels import ops
+from exaone.core.model.exaone_moe import SparseMoE
 from exaone.core.model.layers import Attention, GatedMLP
 
 
@@ -31,6 +32,36 @@ class FusedGatedMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+
+
+class FusedSparseMoE(nn.Module):
+    """K-EXAONE's MoE layer with every routed expert's weights stacked ([E, 2I, H] gate/up rows,
+    [E, H, I] down): the router (unchanged, float32) picks, the fused kernels compute, with no host
+    synchronisation (ops.fused_moe); the shared expert is a fused gated MLP beside it."""
+
+    def __init__(self, gate: nn.Module, experts_w13: torch.Tensor, experts_w2: torch.Tensor, shared):
+        super().__init__()
+        self.gate, self.shared_experts = gate, shared
+        self.experts_w13 = nn.Parameter(experts_w13, requires_grad=False)
+        self.experts_w2 = nn.Parameter(experts_w2, requires_grad=False)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        experts, weights = self.gate(flat)
+        routed = ops.fused_moe(flat, self.experts_w13, self.experts_w2, experts, weights)
+        return routed.view(x.shape) + self.shared_experts(x)
+
+
+def _fuse_moe(moe: nn.Module) -> FusedSparseMoE | None:
+    experts = list(moe.experts)
+    if not all(_plain(m.gate_proj, m.up_proj, m.down_proj) for m in experts):
+        return None  # quantized experts keep the per-expert path
+    w13 = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in experts])
+    w2 = torch.stack([m.down_proj.weight for m in experts])
+    shared = moe.shared_experts
+    if _plain(shared.gate_proj, shared.up_proj):
+        shared = FusedGatedMLP(_concat([shared.gate_proj, shared.up_proj]), shared.down_proj)
+    return FusedSparseMoE(moe.gate, w13, w2, shared)
 
 
 def _plain(*modules) -> bool:
@@ -69,4 +100,8 @@ def fuse(model: nn.Module, keep: set[str] = frozenset()) -> nn.Module:
             if isinstance(child, GatedMLP) and _plain(child.gate_proj, child.up_proj) and not apart:
                 gate_up = _concat([child.gate_proj, child.up_proj])
                 setattr(parent, name, FusedGatedMLP(gate_up, child.down_proj))
+            elif isinstance(child, SparseMoE) and not any(k.startswith(f"{path}.experts.") for k in keep):
+                fused = _fuse_moe(child)
+                if fused is not None:
+                    setattr(parent, name, fused)
     return model

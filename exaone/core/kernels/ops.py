@@ -220,3 +220,24 @@ def paged_attention(
         o = masked_attention(q[q0:q1].transpose(0, 1)[None], k, v, q_pos[None], k_pos[None], window, scale)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
+
+
+# --- MoE ---------------------------------------------------------------------------------------
+
+
+def fused_moe(x, w13, w2, experts, weights, backend: str = "auto") -> torch.Tensor:
+    """Routed experts of a MoE layer: x [T, H], w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I],
+    the router's choice experts [T, k] and float32 weights [T, k] -> sum_k weight * expert(x) [T, H].
+    The reference loops over the chosen experts (it reads the choice on the host); the Triton kernels
+    (kernels/triton_moe.py) do not, so a MoE step fits a CUDA graph."""
+    if _path(x, backend) != "reference":
+        from exaone.core.kernels import triton_moe
+
+        return triton_moe.fused_moe(x, w13, w2, experts, weights)
+    out = torch.zeros_like(x)
+    for e in experts.unique().tolist():
+        token, slot = torch.where(experts == e)
+        gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
