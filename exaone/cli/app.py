@@ -50,6 +50,10 @@ def _register():
     summarize.register(app)
     bench.register(app)
 
+    from exaone.cli import serve
+
+    serve.register(app)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: usage errors and ExaoneError become `error: ...` on stderr with exit code 2."""

@@ -148,3 +148,78 @@ bench_app.command(
 
 def register(app: typer.Typer):
     app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("serving")
+def serving(
+    url: Annotated[str, typer.Option(*flag("url"), help="The server: http://HOST:PORT (or .../v1).")],
+    endpoint: Annotated[str, typer.Option(*flag("endpoint"), help="completions or chat.")] = "completions",
+    model: Annotated[str | None, typer.Option(*flag("model"), help="Model id (default: the listed).")] = None,
+    concurrency: Annotated[
+        list[str] | None, typer.Option(*flag("concurrency"), help="In flight, e.g. 1,16,64 (0: no limit).")
+    ] = None,
+    request_rate: Annotated[
+        float | None, typer.Option(*flag("request_rate"), help="Poisson arrivals (requests/s) instead.")
+    ] = None,
+    num_prompts: Annotated[
+        int | None, typer.Option(*flag("num_prompts"), help="Requests per level (4 x concurrency, >= 8).")
+    ] = None,
+    input_len: Annotated[int, typer.Option(*flag("input_len"), min=1, help="Prompt tokens.")] = 128,
+    output_len: Annotated[int, typer.Option(*flag("output_len"), min=1, help="Tokens per request.")] = 128,
+    dataset: Annotated[str, typer.Option(*flag("dataset"), help="random (ids), words, file.")] = "random",
+    prompt_file: Annotated[
+        Path | None, typer.Option(*flag("prompt_file"), help="Prompts: one a line, or .jsonl.")
+    ] = None,
+    vocab_size: Annotated[
+        int, typer.Option(*flag("vocab_size"), help="Random prompt token ids are drawn below this.")
+    ] = 32000,
+    stream: Annotated[bool, typer.Option("--stream/--no_stream", "--stream/--no-stream", help="SSE.")] = True,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore_eos/--no_ignore_eos", "--ignore-eos/--no-ignore-eos", help="Fixed.")
+    ] = True,
+    temperature: Annotated[float, typer.Option(*flag("temperature"), help="0 = greedy.")] = 0.0,
+    warmup: Annotated[
+        int | None, typer.Option(*flag("warmup"), help="Unmeasured requests first (default: concurrency).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(*flag("api_key"), help="Bearer key ($EXAONE_API_KEY, $OPENAI_API_KEY).")
+    ] = None,
+    seed: Annotated[int, typer.Option(*flag("seed"), help="Prompt and arrival randomness.")] = 0,
+    output: OutputOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Load an OpenAI-compatible server: TTFT, ITL, end-to-end latency p50/p90/p99, throughput."""
+    import os
+
+    from exaone.eval.serving_bench import ServingOptions, benchmark
+
+    err = Console(stderr=True, highlight=False)
+    given = concurrency or ["0" if request_rate else "1"]
+    levels = [int(c) for v in given for c in v.replace(",", " ").split()]
+    opts = ServingOptions(
+        url=url, endpoint=endpoint, model=model, concurrency=levels, request_rate=request_rate,
+        num_prompts=num_prompts, input_len=input_len, output_len=output_len, dataset=dataset,
+        prompt_file=prompt_file, vocab_size=vocab_size, stream=stream, ignore_eos=ignore_eos,
+        temperature=temperature, warmup=warmup, seed=seed,
+        api_key=api_key or os.environ.get("EXAONE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+    )  # fmt: skip
+    report = benchmark(opts, say=lambda m: err.print(f"[dim]{m}[/dim]"))
+    if output is not None:
+        output.write_text(json.dumps(report, indent=2) + "\n")
+    if json_out:
+        print(json.dumps(report, indent=2))
+        return
+    err.print(f"[dim]{report['url']} {report['endpoint']} model {report['model']}[/dim]")
+    table = Table("concurrency", "ok/all", "req/s", "output tok/s", "TTFT p50/p90/p99 ms",
+                  "ITL p50/p90/p99 ms", "E2E p50/p90/p99 ms")  # fmt: skip
+
+    def three(s: dict) -> str:
+        return "/".join("-" if s[k] is None else f"{s[k]:.1f}" for k in ("p50", "p90", "p99"))
+
+    for lv in report["levels"]:
+        table.add_row(
+            str(lv["concurrency"] or "-"), f"{lv['completed']}/{lv['requests']}",
+            f"{lv['request_throughput']:.2f}", f"{lv['output_tokens_per_s']:.1f}", three(lv["ttft_ms"]),
+            three(lv["itl_ms"]), three(lv["e2e_ms"]),
+        )  # fmt: skip
+    Console().print(table)
